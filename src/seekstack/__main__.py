@@ -1,0 +1,3 @@
+from seekstack.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The `seekstack` command line: one subcommand per component, plus `demo` and `bench`."""
