@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 
 try:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 except ImportError:  # pragma: no cover - exercised only without the cli extra
     Console = Table = None
 

@@ -1,9 +1,9 @@
 """`seekstack` console script (also `python -m seekstack`).
 
-    seekstack --help            list the subcommands
-    seekstack demo              run every stage of the system that exists so far
-    seekstack bench eplb        run one benchmark (`seekstack bench --list` lists them)
-    seekstack eplb load.npy     a component's own subcommand
+seekstack --help            list the subcommands
+seekstack demo              run every stage of the system that exists so far
+seekstack bench eplb        run one benchmark (`seekstack bench --list` lists them)
+seekstack eplb load.npy     a component's own subcommand
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_benchmarks(args.name, args.args, list_only=args.list)
     entry = next(e for e in COMMANDS if e.name == args.command)
-    return int(entry.load().main(args.args) or 0)
+    try:
+        return int(entry.load().main(args.args) or 0)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, not a traceback
+        print(f"seekstack {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
