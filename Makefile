@@ -10,7 +10,8 @@ TORCH := torch==2.13.0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt .ci/apt-packages
+	bash .ci/system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt $(TORCH) numpy
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
@@ -20,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/seekstack demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m 'not slow'
