@@ -155,3 +155,10 @@ def test_stuck_greedy_is_repaired(monkeypatch):
         assert len(set(gpu)) == 4
     loads = gpu_loads(weight, phy2log, 2)[0]
     assert float(loads.sum()) == pytest.approx(float(weight.sum()))
+
+
+@pytest.mark.gpu
+def test_cuda_weight_gives_cpu_outputs():
+    phy2log, log2phy, logcnt = rebalance_experts(README_WEIGHT.cuda(), 16, 4, 2, 8)
+    assert phy2log.device.type == log2phy.device.type == logcnt.device.type == "cpu"
+    assert phy2log.tolist() == README_PHY2LOG
