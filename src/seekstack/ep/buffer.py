@@ -1,0 +1,305 @@
+"""`Buffer`: DeepEP v1's communication buffer, on any torch.distributed backend (gloo on CPU, NCCL on GPUs).
+
+>>> # inside an initialised process group (see seekstack.ep.demo for a runnable two-rank example):
+>>> # buf = Buffer(dist.group.WORLD)
+>>> # per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
+>>> # recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(x, num_tokens_per_rank=per_rank,
+>>> #     is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=w)
+>>> # combined, combined_w, _ = buf.combine(expert_out, handle, topk_weights=recv_w)
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from . import low_latency, normal
+from .config import Config
+from .events import EventOverlap
+from .layout import compute_dispatch_layout
+
+topk_idx_t = torch.int64
+
+_DEFAULT_TIMEOUT_S = 300.0
+
+
+class Buffer:
+    """Expert-parallel dispatch/combine over a process group (DeepEP v1 `Buffer`).
+
+    `num_nvl_bytes`/`num_rdma_bytes` are validated and kept for API compatibility: the transport sizes its
+    buffers per call. `timeout_s` bounds every wait on a collective, so a dead or mismatched peer raises
+    `EPCommError` naming the step instead of hanging.
+
+    >>> Buffer.set_num_sms(24); Buffer.num_sms
+    24
+    """
+
+    num_sms: int = 20
+
+    def __init__(
+        self,
+        group=None,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        use_fabric: bool = False,
+        explicitly_destroy: bool = False,
+        enable_shrink: bool = False,
+        comm=None,
+        timeout_s: float | None = _DEFAULT_TIMEOUT_S,
+    ) -> None:
+        if not dist.is_initialized():
+            raise ValueError("group: torch.distributed is not initialised (call init_process_group first)")
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if num_qps_per_rank <= 0:
+            raise ValueError(f"num_qps_per_rank must be positive, got {num_qps_per_rank}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive or None, got {timeout_s}")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.group_size = dist.get_world_size(self.group)
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+        self.explicitly_destroy = explicitly_destroy
+        self.timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        self._ll_combine_buffers: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._ll_recv_buffers: dict[tuple, torch.Tensor] = {}
+        self._ll_phase = 0
+        self._destroyed = False
+
+    # ---- static helpers -------------------------------------------------------------------------------------
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the SM budget of the normal kernels (kept for compatibility; must be even)."""
+        if new_num_sms <= 0 or new_num_sms % 2:
+            raise ValueError(f"new_num_sms must be a positive even number, got {new_num_sms}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event at the current point of the stream; on this transport it is already complete."""
+        return EventOverlap()
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        if num_ranks <= 0:
+            raise ValueError(f"num_ranks must be positive, got {num_ranks}")
+        return Config(Buffer.num_sms, 6, 256, 6, 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        if num_ranks <= 0:
+            raise ValueError(f"num_ranks must be positive, got {num_ranks}")
+        return Config(Buffer.num_sms, 4, 256, 6, 128)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        """Bytes of the fixed low-latency send+receive blocks: R * max_tokens rows each way, bf16 or fp8."""
+        row = max(2 * hidden, hidden + 4 * (hidden // 128)) + 16
+        return 2 * num_ranks * num_max_dispatch_tokens_per_rank * row
+
+    def get_comm_stream(self):
+        """Collectives run on the backend's own streams/threads; there is no separate stream object."""
+        return None
+
+    def destroy(self) -> None:
+        if not self.explicitly_destroy:
+            raise ValueError("explicitly_destroy: destroy() needs Buffer(..., explicitly_destroy=True)")
+        self._ll_combine_buffers.clear()
+        self._destroyed = True
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("this Buffer was destroyed")
+
+    # ---- normal mode ----------------------------------------------------------------------------------------
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """`(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event)`."""
+        self._check_alive()
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        layout = compute_dispatch_layout(topk_idx, num_experts, self.group_size)
+        return (*layout, EventOverlap())
+
+    def dispatch(
+        self,
+        x,
+        handle=None,
+        num_tokens_per_rank: torch.Tensor | None = None,
+        num_tokens_per_rdma_rank: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+        num_tokens_per_expert: torch.Tensor | None = None,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Send each token once to every rank holding one of its experts.
+
+        `x` is `[T, H]` (bf16) or `(fp8 [T, H], fp32 scales [T, H/128])`. Returns `(recv_x, recv_topk_idx,
+        recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)`: rows ordered by source rank, then source
+        order; `recv_topk_idx` holds local expert ids (-1 elsewhere) and the matching weights are 0. With `handle`
+        (a cached dispatch) only `recv_x` is produced. `num_worst_tokens > 0` pads the outputs to that many rows
+        (top-k ids -1) and returns an empty list. With `async_finish` the outputs are valid after `event` waits.
+        """
+        self._check_alive()
+        if config is not None and not isinstance(config, Config):
+            raise ValueError("config must be a seekstack.ep.Config")
+        if handle is not None and topk_idx is not None:
+            raise ValueError("topk_idx: a cached dispatch (handle given) takes no topk_idx")
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        return normal.dispatch(
+            self,
+            x,
+            handle,
+            num_tokens_per_rank,
+            is_token_in_rank,
+            num_tokens_per_expert,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            async_finish,
+        )
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle,
+        topk_weights: torch.Tensor | None = None,
+        bias=None,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Return each token's copies to its source rank and add them (unweighted, fp32, rank order).
+
+        Returns `(combined_x [T, H], combined_topk_weights | None, event)`; `bias` (one tensor or up to two) is
+        added at the end.
+        """
+        self._check_alive()
+        if config is not None and not isinstance(config, Config):
+            raise ValueError("config must be a seekstack.ep.Config")
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        return normal.combine(self, x, handle, topk_weights, bias, async_finish)
+
+    # ---- low-latency mode -----------------------------------------------------------------------------------
+    def _check_low_latency(self) -> None:
+        self._check_alive()
+        if not self.low_latency_mode:
+            raise ValueError("low_latency_mode: create the Buffer with low_latency_mode=True")
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Zero the zero-copy combine buffer (buffers are otherwise allocated per call)."""
+        self._check_low_latency()
+        for buf in (*self._ll_combine_buffers.values(), *self._ll_recv_buffers.values()):
+            buf.zero_()
+
+    def low_latency_recv_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The receive buffer `name` of the current phase; two phases alternate, as in DeepEP."""
+        key = (self._ll_phase, name, shape, dtype)
+        if key not in self._ll_recv_buffers:
+            self._ll_recv_buffers[key] = torch.empty(shape, dtype=dtype)
+        return self._ll_recv_buffers[key]
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        dispatch_wait_recv_cost_stats: torch.Tensor | None = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ):
+        """Dispatch bf16 `x [T, H]` into the masked layout `[E_local, R * max_tokens, H]`.
+
+        Returns `(recv_x | (fp8, scales), recv_count [E_local] int32, handle, event, hook)`. Rows of expert `e` are
+        ordered by source rank, token and top-k slot; only the first `recv_count[e]` are valid. With fp8 the scales
+        are per token per 128 channels (`[E_local, R*max, H/128]`, column-major in the last two dims). With
+        `return_recv_hook` the receive completes when `hook()` is called, so work can run in between.
+        """
+        self._check_low_latency()
+        if cumulative_local_expert_recv_stats is not None and cumulative_local_expert_recv_stats.dtype != torch.int32:
+            raise ValueError("cumulative_local_expert_recv_stats must be int32 [num_local_experts]")
+        self._ll_phase ^= 1
+        return low_latency.dispatch(
+            self,
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            cumulative_local_expert_recv_stats,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            async_finish,
+            return_recv_hook,
+        )
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: torch.Tensor | None = None,
+        combine_wait_recv_cost_stats: torch.Tensor | None = None,
+    ):
+        """Bring expert outputs `[E_local, R * max_tokens, H]` back, weighted: `Σ_k w[t,k] · y(t,k)` in bf16.
+
+        Returns `(combined_x [T, H], event, hook)`. With `zero_copy`, the data is read from the tensor returned by
+        `get_next_low_latency_combine_buffer(handle)` and `x` is ignored.
+        """
+        self._check_low_latency()
+        if use_logfmt:
+            raise ValueError("use_logfmt: the LogFMT wire format is not supported by this transport")
+        if zero_copy:
+            x = self.get_next_low_latency_combine_buffer(handle)
+        return low_latency.combine(self, x, topk_idx, topk_weights, handle, async_finish, return_recv_hook, out)
+
+    def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
+        """The bf16 `[E_local, R * max_tokens, H]` tensor a zero-copy `low_latency_combine` reads from."""
+        self._check_low_latency()
+        h = low_latency.resolve_handle(handle)
+        shape = (h.num_experts // self.group_size, self.group_size * h.num_max_dispatch_tokens_per_rank, h.hidden)
+        if shape not in self._ll_combine_buffers:
+            self._ll_combine_buffers[shape] = torch.zeros(shape, dtype=torch.bfloat16)
+        return self._ll_combine_buffers[shape]

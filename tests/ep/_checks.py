@@ -1,0 +1,453 @@
+"""Checks that run inside spawned gloo ranks (loaded by path in every rank by `seekstack.ep.launch.run_ranks`).
+
+Each `check_*` takes a `Ctx`, runs collectives that every rank joins in the same order, and raises on failure.
+`run_checks` runs a list of them and reports `(ok, message)` per check, so one spawn serves many pytest cases.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from seekstack.ep import Buffer, EPCommError, dispatch_with_grad, per_token_cast_back, per_token_cast_to_fp8
+from seekstack.ep.reference import (
+    reference_combine,
+    reference_dispatch,
+    reference_low_latency_combine,
+    reference_low_latency_dispatch,
+)
+from seekstack.ep.transport import gather_headers
+
+
+@dataclass
+class Ctx:
+    rank: int
+    R: int
+    gen: torch.Generator
+    buf: Buffer
+    ll: Buffer
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepEP's similarity metric: with a +1 shift, 1 - 2·Σxy / Σ(x² + y²)."""
+    x, y = x.double() + 1, y.double() + 1
+    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+
+
+def make_inputs(c: Ctx, num_tokens: int, hidden: int, num_experts: int, topk: int):
+    g = c.gen
+    x = torch.randn(num_tokens, hidden, generator=g).to(torch.bfloat16)
+    scores = torch.randn(num_tokens, num_experts, generator=g).abs() + 1
+    idx = torch.topk(scores, topk, dim=1).indices
+    idx[torch.rand(num_tokens, topk, generator=g) < 0.1] = -1
+    if num_tokens > 3:
+        idx[3] = -1  # a token routed nowhere
+    w = torch.rand(num_tokens, topk, generator=g)
+    return x, idx, w
+
+
+def num_tokens_for(c: Ctx) -> int:
+    return 23 + 7 * c.rank  # odd and different per rank
+
+
+def num_experts_for(c: Ctx) -> int:
+    return 6 * c.R if c.R == 2 else 4 * c.R
+
+
+def layout_of(c: Ctx, idx, num_experts):
+    per_rank, _, per_expert, in_rank, _ = c.buf.get_dispatch_layout(idx, num_experts)
+    return dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+
+
+def assert_equal(a, b, what: str) -> None:
+    if isinstance(a, tuple):
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert_equal(u, v, f"{what}[{i}]")
+        return
+    if a.dtype != b.dtype or a.shape != b.shape:
+        raise AssertionError(f"{what}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}")
+    if a.element_size() == 1 and a.is_floating_point():
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    if not torch.equal(a, b):
+        raise AssertionError(f"{what}: not bit-identical to the reference")
+
+
+def valid_rows(t: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The rows of a masked layout that low-latency dispatch defines: the first count[e] of each expert."""
+    return torch.cat([t[e, : int(n)] for e, n in enumerate(count.tolist())])
+
+
+# ---- checks ---------------------------------------------------------------------------------------------------
+def check_layout(c: Ctx) -> None:
+    E = num_experts_for(c)
+    x, idx, _ = make_inputs(c, 41, 128, E, 4)
+    per_rank, per_rdma, per_expert, in_rank, ev = c.buf.get_dispatch_layout(idx, E)
+    El = E // c.R
+    exp_expert = torch.zeros(E, dtype=torch.int32)
+    exp_in_rank = torch.zeros(41, c.R, dtype=torch.bool)
+    for t in range(41):
+        for e in idx[t].tolist():
+            if e >= 0:
+                exp_expert[e] += 1
+                exp_in_rank[t, e // El] = True
+    assert torch.equal(per_expert, exp_expert) and per_expert.dtype == torch.int32
+    assert torch.equal(in_rank, exp_in_rank)
+    assert torch.equal(per_rank, exp_in_rank.sum(0).to(torch.int32))
+    assert per_rdma is None and ev.is_completed()
+
+
+def check_dispatch_combine_bf16(c: Ctx) -> None:
+    E = num_experts_for(c)
+    T, H = num_tokens_for(c), 256
+    x, idx, w = make_inputs(c, T, H, E, 4)
+    lay = layout_of(c, idx, E)
+    recv_x, recv_idx, recv_w, counts, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+    ref_x, ref_idx, ref_w, ref_src, state = reference_dispatch(c.buf.group, x, idx, w, E)
+    assert_equal(recv_x, ref_x, "recv_x")
+    assert_equal(recv_idx, ref_idx, "recv_topk_idx")
+    assert_equal(recv_w, ref_w, "recv_topk_weights")
+    assert_equal(handle.recv_src_idx, ref_src, "recv_src_idx")
+    # per-expert counts = all-reduced layout counts of this rank's experts
+    glob = lay["num_tokens_per_expert"].clone()
+    dist.all_reduce(glob, group=c.buf.group)
+    El = E // c.R
+    assert counts == glob[c.rank * El : (c.rank + 1) * El].tolist(), (counts, glob)
+    assert counts == [int((recv_idx == e).sum()) for e in range(El)]
+    # combine: bit-exact vs the reference, with weights and two biases
+    y = (recv_x.float() * 1.5).to(torch.bfloat16)
+    biases = (
+        torch.randn(T, H, generator=c.gen).to(torch.bfloat16),
+        torch.randn(T, H, generator=c.gen).to(torch.bfloat16),
+    )
+    combined, combined_w, _ = c.buf.combine(y, handle, topk_weights=recv_w, bias=biases)
+    ref_c, ref_cw = reference_combine(c.buf.group, y, state, T, recv_w, biases)
+    assert_equal(combined, ref_c, "combined_x")
+    assert_equal(combined_w, ref_cw, "combined_topk_weights")
+    assert torch.equal(combined_w, torch.where(idx >= 0, w, 0.0)), "combined weights must sum back to the originals"
+    # DeepEP's recipe: combined / (#ranks the token visited) ≈ x
+    plain, _, _ = c.buf.combine(recv_x, handle)
+    n = lay["is_token_in_rank"].sum(1, keepdim=True).clamp(min=1)
+    reached = lay["is_token_in_rank"].any(1)
+    d = calc_diff(plain.float()[reached] / n[reached], x.float()[reached])
+    assert d < 5e-6, d
+    assert torch.equal(plain[~reached], torch.zeros_like(plain[~reached]))
+
+
+def check_rank_valued_order(c: Ctx) -> None:
+    E = num_experts_for(c)
+    T = num_tokens_for(c)
+    _, idx, _ = make_inputs(c, T, 128, E, 4)
+    x = torch.full((T, 128), float(c.rank), dtype=torch.bfloat16)
+    lay = layout_of(c, idx, E)
+    recv_x, _, _, _, handle, _ = c.buf.dispatch(x, **lay)
+    prefix = handle.rank_prefix_matrix
+    total = torch.tensor([T])
+    counts = lay["num_tokens_per_rank"].long()
+    dist.all_reduce(counts, group=c.buf.group)
+    assert recv_x.shape[0] == int(counts[c.rank]), "received count = all-reduced per-rank count"
+    start = 0
+    for i in range(c.R):
+        end = int(prefix[i][c.rank])
+        assert torch.all(recv_x[start:end] == i), f"rows {start}:{end} should come from rank {i}"
+        src = handle.recv_src_idx[start:end]
+        assert torch.all(src[1:] > src[:-1]), "source order is kept within a source rank"
+        start = end
+    assert start == recv_x.shape[0] and total.item() == T
+
+
+def check_dispatch_fp8(c: Ctx) -> None:
+    E = num_experts_for(c)
+    T, H = num_tokens_for(c), 256
+    x, idx, w = make_inputs(c, T, H, E, 4)
+    q, s = per_token_cast_to_fp8(x)
+    s_colmajor = s.T.contiguous().T  # DeepEP's tests pass the scales column-major
+    lay = layout_of(c, idx, E)
+    (rq, rs), recv_idx, recv_w, _, handle, _ = c.buf.dispatch((q, s_colmajor), topk_idx=idx, topk_weights=w, **lay)
+    (fq, fs), ref_idx, ref_w, _, _ = reference_dispatch(c.buf.group, (q, s), idx, w, E)
+    assert_equal((rq, rs), (fq, fs), "fp8 recv_x")
+    assert_equal(recv_idx, ref_idx, "recv_topk_idx")
+    # combine of the dequantized rows ≈ x · (#ranks)
+    y = per_token_cast_back(rq, rs).to(torch.bfloat16)
+    combined, _, _ = c.buf.combine(y, handle)
+    n = lay["is_token_in_rank"].sum(1, keepdim=True)
+    reached = n.squeeze(1) > 0
+    d = calc_diff(combined.float()[reached] / n[reached], per_token_cast_back(q, s)[reached])
+    assert d < 5e-6, d
+
+
+def check_cached_dispatch(c: Ctx) -> None:
+    E = num_experts_for(c)
+    T, H = num_tokens_for(c), 128
+    x, idx, w = make_inputs(c, T, H, E, 4)
+    lay = layout_of(c, idx, E)
+    recv_x, _, _, _, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+    again, ri, rw, cnt, h2, _ = c.buf.dispatch(x, handle=handle)
+    assert torch.equal(again, recv_x) and ri is None and rw is None and cnt is None and h2 is None
+    x2 = torch.randn(T, H, generator=c.gen).to(torch.bfloat16)
+    fresh, *_ = c.buf.dispatch(x2, **lay)
+    cached, *_ = c.buf.dispatch(x2, handle=handle)
+    assert torch.equal(fresh, cached)
+
+
+def check_async_and_events(c: Ctx) -> None:
+    E = num_experts_for(c)
+    T, H = num_tokens_for(c), 128
+    x, idx, w = make_inputs(c, T, H, E, 4)
+    lay = layout_of(c, idx, E)
+    sync = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+    prev = Buffer.capture()
+    recv_x, recv_idx, recv_w, counts, handle, ev = c.buf.dispatch(
+        x, topk_idx=idx, topk_weights=w, previous_event=prev, async_finish=True, **lay
+    )
+    _ = torch.randn(64, 64) @ torch.randn(64, 64)  # overlapped work
+    with ev:
+        pass
+    assert ev.is_completed()
+    assert torch.equal(recv_x, sync[0]) and torch.equal(recv_idx, sync[1]) and torch.equal(recv_w, sync[2])
+    assert counts == sync[3]
+    comb, _, cev = c.buf.combine(recv_x, handle, async_finish=True, previous_event=ev)
+    cev.current_stream_wait()
+    comb_sync, _, _ = c.buf.combine(recv_x, handle)
+    assert torch.equal(comb, comb_sync)
+
+
+def check_worst_tokens_and_alignment(c: Ctx) -> None:
+    E = num_experts_for(c)
+    T, H = num_tokens_for(c), 128
+    x, idx, w = make_inputs(c, T, H, E, 4)
+    lay = layout_of(c, idx, E)
+    base = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+    n = base[0].shape[0]
+    worst = T * c.R + 5
+    rx, ri, rw, counts, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, num_worst_tokens=worst, **lay)
+    assert counts == [] and rx.shape[0] == worst
+    assert torch.equal(rx[:n], base[0]) and torch.equal(ri[:n], base[1]) and torch.equal(rw[:n], base[2])
+    assert torch.all(ri[n:] == -1), "padding top-k ids must be -1"
+    y = rx.clone()
+    y[n:] = float("nan")  # poisoned padding must not leak into combine
+    comb, _, _ = c.buf.combine(y, handle)
+    ref, _, _ = c.buf.combine(base[0], base[4])
+    assert torch.equal(comb, ref)
+    aligned = c.buf.dispatch(x, expert_alignment=8, **lay)[3]
+    assert aligned == [(v + 7) // 8 * 8 for v in base[3]]
+    try:
+        c.buf.dispatch(x, num_worst_tokens=1, **lay)
+    except ValueError as e:
+        assert "num_worst_tokens" in str(e)
+    else:
+        raise AssertionError("num_worst_tokens too small must raise ValueError")
+
+
+def _ll_inputs(c: Ctx, num_max: int, H: int, E: int):
+    T = num_max - 3 - c.rank  # fewer tokens than the maximum, different per rank
+    return T, *make_inputs(c, T, H, E, 4)
+
+
+def check_low_latency_bf16(c: Ctx) -> None:
+    E, num_max, H = num_experts_for(c), 16, 256
+    T, x, idx, w = _ll_inputs(c, num_max, H, E)
+    x[:, -128:] = torch.arange(T, dtype=torch.bfloat16)[:, None]  # token index rides in the last 128 channels
+    stats = torch.zeros(E // c.R, dtype=torch.int32)
+    recv, count, handle, ev, hook = c.ll.low_latency_dispatch(
+        x, idx, num_max, E, cumulative_local_expert_recv_stats=stats, use_fp8=False
+    )
+    ref, ref_count = reference_low_latency_dispatch(c.ll.group, x, idx, num_max, E, use_fp8=False)
+    assert torch.equal(count, ref_count) and torch.equal(stats, count)
+    assert_equal(valid_rows(recv, count), valid_rows(ref, count), "low-latency recv_x")
+    src_info, layout_range = handle[0], handle[1]
+    for e in range(E // c.R):
+        k = int(count[e])
+        assert torch.equal(recv[e, :k, -1].float(), src_info[e, :k].float()), "src_info matches token ids"
+        ranges = [(int(v) >> 32, int(v) & 0xFFFFFFFF) for v in layout_range[e]]
+        assert sum(n for _, n in ranges) == k and ranges[0][0] == 0
+    y = recv.clone()
+    for e in range(E // c.R):
+        y[e, int(count[e]) :] = float("nan")  # rows past recv_count are garbage to combine
+    comb, _, _ = c.ll.low_latency_combine(y, idx, w, handle)
+    assert torch.equal(comb, reference_low_latency_combine(c.ll.group, recv, idx, w, num_max, E))
+    want = x.float() * torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
+    d = calc_diff(comb.float(), want)
+    assert d < 1e-5, d
+
+
+def check_low_latency_fp8(c: Ctx) -> None:
+    E, num_max, H = num_experts_for(c), 16, 256
+    T, x, idx, w = _ll_inputs(c, num_max, H, E)
+    (q, s), count, handle, _, _ = c.ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=True)
+    (fq, fs), ref_count = reference_low_latency_dispatch(c.ll.group, x, idx, num_max, E, use_fp8=True)
+    assert torch.equal(count, ref_count)
+    assert s.stride(1) == 1 and s.stride(2) == s.shape[1], "scales are column-major in the last two dims"
+    assert_equal(valid_rows(q, count), valid_rows(fq, count), "low-latency fp8 recv")
+    assert_equal(valid_rows(s, count), valid_rows(fs, count), "low-latency fp8 scales")
+    y = per_token_cast_back(q, s).to(torch.bfloat16)
+    comb, _, _ = c.ll.low_latency_combine(y, idx, w, handle)
+    want = x.float() * torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
+    d = calc_diff(comb.float(), want)
+    assert d < 9e-4, d
+    x512 = torch.randn(T, 512, generator=c.gen).to(torch.bfloat16)
+    (q8, s8), count8, h8, *_ = c.ll.low_latency_dispatch(x512, idx, num_max, E, round_scale=True, use_ue8m0=True)
+    assert s8.dtype == torch.int32 and s8.shape[-1] == 512 // 512
+    _, pow2 = per_token_cast_to_fp8(x512, round_scale=True)
+    exps = torch.empty(s8.shape, dtype=torch.int32).copy_(s8).view(torch.uint8).view(*s8.shape[:2], 4).float()
+    decoded = torch.exp2(exps - 127)
+    for e in range(E // c.R):
+        begin, n = int(h8[1][e, c.rank]) >> 32, int(h8[1][e, c.rank]) & 0xFFFFFFFF
+        for i in range(begin, begin + n):  # this rank's own tokens, located through layout_range and src_info
+            assert torch.equal(decoded[e, i], pow2[int(h8[0][e, i])]), "UE8M0 exponents decode to the scales"
+
+
+def check_low_latency_hook_async_zero_copy(c: Ctx) -> None:
+    E, num_max, H = num_experts_for(c), 16, 128
+    T, x, idx, w = _ll_inputs(c, num_max, H, E)
+    base, bcount, bhandle, _, _ = c.ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False)
+    recv, count, handle, _, hook = c.ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False, return_recv_hook=True)
+    _ = torch.randn(64, 64) @ torch.randn(64, 64)  # work between send and receive
+    hook()
+    assert torch.equal(count, bcount) and torch.equal(valid_rows(recv, count), valid_rows(base, count))
+    assert recv.data_ptr() != base.data_ptr(), "two low-latency results are alive at once (alternating buffers)"
+    comb_ref, _, _ = c.ll.low_latency_combine(base, idx, w, bhandle)
+    comb, ev, _ = c.ll.low_latency_combine(recv, idx, w, handle, async_finish=True)
+    ev.current_stream_wait()
+    assert torch.equal(comb, comb_ref)
+    zbuf = c.ll.get_next_low_latency_combine_buffer(handle)
+    zbuf.copy_(recv)
+    out = torch.empty(T, H, dtype=torch.bfloat16)
+    comb2, _, hook2 = c.ll.low_latency_combine(None, idx, w, handle, zero_copy=True, return_recv_hook=True, out=out)
+    hook2()
+    assert comb2 is out and torch.equal(out, comb_ref)
+
+
+def check_autograd(c: Ctx) -> None:
+    from seekstack.ep import combine_with_grad
+
+    E = num_experts_for(c)
+    T, H = num_tokens_for(c), 64
+    _, idx, w = make_inputs(c, T, H, E, 4)
+    x = torch.randn(T, H, generator=c.gen, requires_grad=True)
+    w = w.clone().requires_grad_(True)
+    recv_x, recv_idx, recv_w, _, handle = dispatch_with_grad(c.buf, x, idx, w, E)
+    y = recv_x * 2.0
+    combined, combined_w = combine_with_grad(c.buf, y, handle, topk_weights=recv_w * 3.0)
+    gy = torch.randn(T, H, generator=c.gen)
+    gw = torch.randn(T, 4, generator=c.gen)
+    ((combined * gy).sum() + (combined_w * gw).sum()).backward()
+    n = (idx >= 0).any(1)  # combined = 2 · (#ranks reached) · x
+    in_rank = torch.zeros(T, c.R, dtype=torch.bool)
+    valid = idx >= 0
+    in_rank[valid.nonzero()[:, 0], idx[valid] // (E // c.R)] = True
+    cnt = in_rank.sum(1, keepdim=True).float()
+    assert torch.allclose(combined, 2 * cnt * x.detach()) and n.any()
+    assert torch.allclose(x.grad, 2 * cnt * gy), "dispatch backward = combine of the gradients"
+    assert torch.allclose(w.grad, 3 * gw * valid), "weight gradients reach only real top-k slots"
+
+
+def check_bad_inputs(c: Ctx) -> None:
+    E = num_experts_for(c)
+    x, idx, w = make_inputs(c, 9, 128, E, 4)
+    lay = layout_of(c, idx, E)
+    cases = [
+        ("topk_idx", lambda: c.buf.get_dispatch_layout(idx + E, E)),
+        ("num_experts", lambda: c.buf.get_dispatch_layout(idx, E + 1)),
+        ("is_token_in_rank", lambda: c.buf.dispatch(x, **{**lay, "is_token_in_rank": lay["is_token_in_rank"][:3]})),
+        (
+            "num_tokens_per_rank",
+            lambda: c.buf.dispatch(x, **{**lay, "num_tokens_per_rank": lay["num_tokens_per_rank"] + 1}),
+        ),
+        ("expert_alignment", lambda: c.buf.dispatch(x, expert_alignment=0, **lay)),
+        ("num_worst_tokens", lambda: c.buf.dispatch(x, num_worst_tokens=-1, **lay)),
+        ("topk_weights", lambda: c.buf.dispatch(x, topk_idx=idx, topk_weights=w.double(), **lay)),
+        ("x", lambda: c.buf.dispatch(x[0], **lay)),
+        ("low_latency_mode", lambda: c.buf.low_latency_dispatch(x, idx, 16, E)),
+        ("num_max_dispatch_tokens_per_rank", lambda: c.ll.low_latency_dispatch(x, idx, 4, E)),
+        ("new_num_sms", lambda: Buffer.set_num_sms(3)),
+        ("num_nvl_bytes", lambda: Buffer(c.buf.group, num_nvl_bytes=-1)),
+    ]
+    for name, fn in cases:
+        try:
+            fn()
+        except ValueError as e:
+            assert name in str(e), f"ValueError for {name} does not name it: {e}"
+        else:
+            raise AssertionError(f"bad {name} did not raise ValueError")
+
+
+def check_mismatched_peer(c: Ctx) -> None:
+    E = num_experts_for(c)
+    H = 128 if c.rank == 0 else 256  # rank 0 disagrees on hidden
+    x, idx, _ = make_inputs(c, 11, H, E, 4)
+    try:
+        c.buf.dispatch(x, **layout_of(c, idx, E))
+    except EPCommError as e:
+        assert "row bytes" in str(e), e
+    else:
+        raise AssertionError("mismatched peers must raise EPCommError on every rank")
+
+
+def check_stuck_peer_times_out(c: Ctx) -> None:
+    """A live peer that does not join: the waiting rank raises within the Buffer's timeout."""
+    E = num_experts_for(c)
+    x, idx, _ = make_inputs(c, 11, 128, E, 4)
+    lay = layout_of(c, idx, E)
+    if c.rank == 0:
+        short = Buffer(c.buf.group, timeout_s=1.0)
+        t0 = time.monotonic()
+        try:
+            short.dispatch(x, **lay)
+        except EPCommError as e:
+            assert "count exchange" in str(e) and time.monotonic() - t0 < 10, e
+        else:
+            raise AssertionError("a stuck peer must make dispatch raise EPCommError")
+    else:
+        time.sleep(3.0)
+    # Every peer finally joins the count exchange rank 0 gave up on, so the group is left in step.
+    if c.rank != 0:
+        header = torch.zeros(6 + c.R + E, dtype=torch.int64)
+        gather_headers(c.buf.group, header, c.R, None, "late join")
+    dist.barrier(group=c.buf.group)
+
+
+CHECKS = [name for name in list(globals()) if name.startswith("check_")]
+LAST_ONLY_2_RANKS = ["check_stuck_peer_times_out"]
+
+
+def run_checks(rank: int, world_size: int, seed: int, names: list[str]) -> dict[str, tuple[bool, str]]:
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    c = Ctx(rank, world_size, gen, Buffer(timeout_s=60), Buffer(low_latency_mode=True, timeout_s=60))
+    results: dict[str, tuple[bool, str]] = {}
+    for name in names:
+        try:
+            globals()[name](c)
+            results[name] = (True, "")
+        except Exception:
+            results[name] = (False, traceback.format_exc())
+    return results
+
+
+def dead_peer(rank: int, world_size: int, seed: int) -> dict[str, object]:
+    """Rank 1 joins the count exchange of a dispatch, then exits: rank 0 must get an error, not a hang."""
+    import os
+
+    c = Ctx(rank, world_size, torch.Generator().manual_seed(seed), Buffer(timeout_s=20), None)
+    E = num_experts_for(c)
+    x, idx, _ = make_inputs(c, 13, 128, E, 4)
+    lay = layout_of(c, idx, E)
+    if rank == 1:
+        header = torch.cat(
+            [
+                torch.tensor([0x45505F31, 1, 2 * 128 + 4, 0, 1, E]),
+                lay["num_tokens_per_rank"].long(),
+                lay["num_tokens_per_expert"].long(),
+            ]
+        )
+        gather_headers(c.buf.group, header, world_size, None, "count exchange")
+        os._exit(0)  # dies mid-dispatch, before the token exchange
+    t0 = time.monotonic()
+    try:
+        c.buf.dispatch(x, **lay)
+    except EPCommError as e:
+        return {"error": str(e), "seconds": time.monotonic() - t0}
+    return {"error": None, "seconds": time.monotonic() - t0}

@@ -1,0 +1,80 @@
+"""Buffer dispatch/combine (normal and low-latency), events, autograd and failure handling on spawned gloo groups.
+
+Each world size is one spawn (module-scoped) that runs every check in `_checks.py`; the tests read its results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from seekstack.ep.launch import run_ranks
+
+CHECKS_FILE = Path(__file__).with_name("_checks.py")
+_spec = importlib.util.spec_from_file_location("_ep_checks_parent", CHECKS_FILE)
+checks = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = checks
+_spec.loader.exec_module(checks)
+
+NAMES = [n for n in checks.CHECKS if n not in checks.LAST_ONLY_2_RANKS]
+SEED = int.from_bytes(os.urandom(3), "little")
+
+pytestmark = pytest.mark.distributed
+
+
+def _run(world_size: int, names: list[str]):
+    return run_ranks(str(CHECKS_FILE), "run_checks", world_size, args=(SEED, names), timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def results_2():
+    return _run(2, NAMES + checks.LAST_ONLY_2_RANKS)
+
+
+@pytest.fixture(scope="module")
+def results_4():
+    return _run(4, NAMES)
+
+
+def _assert_ok(results, name: str) -> None:
+    failures = [f"rank {r}:\n{res[name][1]}" for r, res in enumerate(results) if not res[name][0]]
+    assert not failures, f"seed {SEED}\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", NAMES + checks.LAST_ONLY_2_RANKS)
+def test_two_ranks(results_2, name):
+    _assert_ok(results_2, name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_four_ranks(results_4, name):
+    _assert_ok(results_4, name)
+
+
+def test_dead_peer_raises_instead_of_hanging():
+    results = run_ranks(str(CHECKS_FILE), "dead_peer", 2, args=(SEED,), timeout_s=60, allow_missing=True)
+    assert results[1] is None, "rank 1 exits without a result"
+    r0 = results[0]
+    assert r0["error"] is not None, "dispatch with a dead peer must raise EPCommError"
+    assert "token exchange" in r0["error"], r0["error"]
+    assert r0["seconds"] < 20
+
+
+def test_demo_reports_bit_exact(tmp_path):
+    from seekstack.ep.demo import run_demo
+
+    summary = run_demo(tmp_path)
+    assert summary["ok"] == "True", summary
+    assert "MISMATCH" not in " ".join(summary.values())
+
+
+def test_bench_rejects_bad_arguments():
+    from seekstack.ep.bench import main
+
+    for argv in (["--hidden", "100"], ["--ranks", "0"], ["--experts", "10", "--ranks", "4"]):
+        with pytest.raises(SystemExit):
+            main(argv)
