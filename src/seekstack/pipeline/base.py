@@ -72,6 +72,10 @@ class PipelineBase(nn.Module):
         self.overlap_cls = t0 if len(modules) == 2 and t0 is t1 and hasattr(t0, "overlapped_forward_backward") else None
         self.record_timeline = False
         self.timeline: list[dict] | None = None
+        # Upstream frees each forward output's storage once it is sent (unless outputs are returned); a stage whose
+        # last op saves its own output for backward (e.g. tanh) must turn this off.
+        self.free_sent_outputs = True
+        self.last_freed_bytes = 0
 
     # ------------------------------------------------------------------------------------------- configuration
     def set_p2p_tensor_shapes(self, shapes: list[tuple[int, ...]]) -> None:
@@ -150,8 +154,10 @@ class PipelineBase(nn.Module):
         self.timeline = [] if self.record_timeline else None
         topo = schedules.TOPOLOGIES[self.schedule_name](self.rank, self.num_ranks)
         executor = Executor(list(self.module), topo, p2p, self.weight_grad_store, self.overlap_cls, self.timeline)
+        executor.free_outputs = self.free_sent_outputs and not return_outputs
         with self._grad_scope(training, p2p):
             losses, outputs = executor.run(actions, chunked_inputs, chunked_labels, criterion, training, return_outputs)
+        self.last_freed_bytes = executor.freed_bytes
         if label_slot is None:
             return None, None
         loss_chunks = [losses[label_slot][i] for i in range(per_slot) if i in losses[label_slot]]

@@ -87,6 +87,8 @@ class P2P:
             t = t.detach().contiguous()
             work = dist.isend(t, dst=self.pp_to_global[dst], group=self.group, tag=tag)
             self.pending_sends.append((work, t))
+        # Completed sends let go of their buffers now, so freed stage outputs really leave memory mid-step.
+        self.pending_sends = [(w, b) for w, b in self.pending_sends if not w.is_completed()]
 
     def recv(self, kind: str, slot: int, src: int) -> list[tuple[object, torch.Tensor]]:
         """Post receives; the caller waits on the returned works before reading the buffers."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.autograd import Variable
 
 from seekstack.pipeline.comm import P2P
 from seekstack.pipeline.schedules import Action, Topology
@@ -21,6 +22,24 @@ from seekstack.pipeline.weight_grad_store import WeightGradStore
 
 def as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def run_backward(outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """`torch.autograd.backward(outputs, grads)` straight into the engine, skipping Python's shape check.
+
+    Outputs whose storage was freed after their send (`free_output`) keep their autograd node, whose recorded
+    shape is what the engine checks the gradients against (upstream's and Megatron's `custom_backward`).
+    """
+    Variable._execution_engine.run_backward(tuple(outputs), tuple(grads), False, False, (), True, True)
+
+
+def free_output(t: torch.Tensor) -> int:
+    """Drop the storage of a sent stage output (its graph stays for backward); returns the bytes released."""
+    if not isinstance(t, torch.Tensor) or t._base is not None or not t.requires_grad or t.grad_fn is None:
+        return 0  # views share storage with tensors backward may still read; leaves and constants are inputs
+    nbytes = t.untyped_storage().nbytes()
+    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    return nbytes
 
 
 class Executor:
@@ -46,6 +65,8 @@ class Executor:
         self.local_b: dict[tuple, tuple] = {}
         self.saved: dict[tuple, tuple] = {}
         self.to_send: dict[tuple, tuple] = {}
+        self.free_outputs = False  # set by the pipeline: release each forward output's storage once sent
+        self.freed_bytes = 0
 
     def run(
         self,
@@ -79,6 +100,10 @@ class Executor:
                     )
                 else:
                     self._do(a)
+                    if a.op in ("SEND_F", "SEND_B") and self.record:
+                        # Issuing a chunk's sends is part of its cost on this rank (what the README formula's F,
+                        # B and F&B stand for); waiting for a chunk's inputs is not, and stays outside the action.
+                        self.record[-1]["end"] = time.perf_counter()
             if self.p2p is not None:
                 self.p2p.wait_sends()
             if len(self.store) or self.store.cache:
@@ -96,7 +121,11 @@ class Executor:
         elif op == "RECV_B":
             self.recvs[("B", a.phase, a.chunk)] = self.p2p.recv("B", a.phase, self.topo.next[a.phase])
         elif op == "SEND_F":
-            self.p2p.send(self.to_send.pop(("F", a.phase, a.chunk)), "F", a.phase, self.topo.next[a.phase])
+            outs = self.to_send.pop(("F", a.phase, a.chunk))
+            self.p2p.send(outs, "F", a.phase, self.topo.next[a.phase])
+            if self.free_outputs and self.training:
+                # The send holds its own reference to the bytes until it completes; the output keeps its graph.
+                self.freed_bytes += sum(free_output(o) for o in outs)
         elif op == "SEND_B":
             self.p2p.send(self.to_send.pop(("B", a.phase, a.chunk)), "B", a.phase, self.topo.prev[a.phase])
         elif op == "F":
@@ -186,7 +215,7 @@ class Executor:
             if loss is not None:
                 torch.autograd.backward(loss)
             elif outs:
-                torch.autograd.backward(outs, grads)
+                run_backward(outs, grads)
         if zb:
             self.store.flush()
         self._after_backward(slot, chunk, x, loss)

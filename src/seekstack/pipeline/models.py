@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekstack.pipeline.executor import run_backward
 from seekstack.pipeline.weight_grad_store import WeightGradStore
 
 
@@ -84,7 +85,7 @@ class OverlappedMLPStage(MLPStage):
         if loss1 is not None:
             loss1.backward()
         elif outputs1:
-            torch.autograd.backward(outputs1, grads1)
+            run_backward(list(outputs1), list(grads1))  # outputs1 may have been freed after their send
         return outputs0, loss0
 
 

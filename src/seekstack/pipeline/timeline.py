@@ -14,16 +14,22 @@ from pathlib import Path
 from seekstack.pipeline.simulate import dualpipe_bubble_formula, linear_bubble_formula
 
 COLORS = {"F0": "#8ecae6", "F1": "#219ebc", "B": "#ffb703", "Bz": "#fb8500", "W": "#90be6d", "FB": "#c77dff"}
+COMM_COLORS = {"F": "#023047", "B": "#d62828"}
 
 
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def schedule_events(events: list[dict]) -> list[dict]:
+    """The schedule's actions (F, B, W, F&B), without the COMP/COMM sub-intervals an MoE stage may record."""
+    return [e for e in events if e["op"] in ("F", "B", "W", "FB")]
+
+
 def op_times(events: list[dict]) -> dict[str, float]:
     """Median duration of each kind of action: F, B (full backward), Bz (input-grad only), W, FB."""
     kinds: dict[str, list[float]] = {"F": [], "B": [], "Bz": [], "W": [], "FB": []}
-    for e in events:
+    for e in schedule_events(events):
         key = "Bz" if e["op"] == "B" and e["zb"] else e["op"]
         kinds[key].append(e["end"] - e["start"])
     return {k: _median(v) for k, v in kinds.items()}
@@ -35,6 +41,7 @@ def bubble_stats(events: list[dict], schedule: str, num_ranks: int) -> dict[str,
     The formula's PP is the number of stages: N for DualPipe, 1F1B and ZB1P, 2N for DualPipeV. A full backward B
     that a schedule never runs whole is taken as Bz + W.
     """
+    events = schedule_events(events)
     t0 = min(e["start"] for e in events)
     t1 = max(e["end"] for e in events)
     span = t1 - t0
@@ -64,7 +71,11 @@ def bubble_stats(events: list[dict], schedule: str, num_ranks: int) -> dict[str,
 
 
 def plot(events: list[dict], path: str | Path, title: str = "") -> Path:
-    """Draw ranks x time (F of each slot, B, deferred-W B, W and F&B coloured) into a PNG at `path`."""
+    """Draw ranks x time (F of each slot, B, deferred-W B, W and F&B coloured) into a PNG at `path`.
+
+    COMM events (EP exchanges recorded by an MoE stage, `role` F or B) are drawn as thin bars inside the row, so an
+    F&B shows one chunk's all-to-all running under the other chunk's compute.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,6 +86,13 @@ def plot(events: list[dict], path: str | Path, title: str = "") -> Path:
     t0 = min(e["start"] for e in events)
     fig, ax = plt.subplots(figsize=(14, 0.6 * len(ranks) + 1.5))
     for e in events:
+        if e["op"] == "COMM":  # an EP exchange in flight: a thin bar along the bottom of the rank's row
+            start, width = (e["start"] - t0) * 1e3, (e["end"] - e["start"]) * 1e3
+            y = e["rank"] + (0.22 if e["role"] == "F" else 0.32)
+            ax.broken_barh([(start, width)], (y, 0.08), facecolors=COMM_COLORS[e["role"]], edgecolor="none")
+            continue
+        if e["op"] == "COMP":
+            continue
         key = f"F{e['phase']}" if e["op"] == "F" else ("Bz" if e["op"] == "B" and e["zb"] else e["op"])
         start, width = (e["start"] - t0) * 1e3, (e["end"] - e["start"]) * 1e3
         ax.broken_barh([(start, width)], (e["rank"] - 0.4, 0.8), facecolors=COLORS[key], edgecolor="black", lw=0.4)
@@ -86,8 +104,10 @@ def plot(events: list[dict], path: str | Path, title: str = "") -> Path:
     ax.set_xlabel("time (ms)")
     ax.set_title(title)
     names = {"F0": "F slot 0", "F1": "F slot 1", "B": "B", "Bz": "B (W deferred)", "W": "W", "FB": "F&B"}
-    ax.legend(handles=[Patch(color=c, label=names[k]) for k, c in COLORS.items()], ncol=6, loc="upper center",
-              bbox_to_anchor=(0.5, -0.25), fontsize=7)  # fmt: skip
+    handles = [Patch(color=c, label=names[k]) for k, c in COLORS.items()]
+    if any(e["op"] == "COMM" for e in events):
+        handles += [Patch(color=c, label=f"EP all-to-all of the {r} chunk") for r, c in COMM_COLORS.items()]
+    ax.legend(handles=handles, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
