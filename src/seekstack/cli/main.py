@@ -36,7 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # A component's subcommand parses its own arguments (including --help), so hand over argv untouched.
+    entry = next((e for e in available(COMMANDS) if argv and e.name == argv[0]), None)
+    if entry is not None:
+        try:
+            return int(entry.load().main(argv[1:]) or 0)
+        except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, not a traceback
+            print(f"seekstack {entry.name}: error: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -46,16 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         from seekstack.cli.demo import run_demo
 
         return run_demo(args.workdir, args.only)
-    if args.command == "bench":
-        from seekstack.bench.runner import run_benchmarks
+    from seekstack.bench.runner import run_benchmarks
 
-        return run_benchmarks(args.name, args.args, list_only=args.list)
-    entry = next(e for e in COMMANDS if e.name == args.command)
-    try:
-        return int(entry.load().main(args.args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, not a traceback
-        print(f"seekstack {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_benchmarks(args.name, args.args, list_only=args.list)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--lease", type=float, default=2.0, help="heartbeat lease in seconds")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the cluster")
     add("down", "stop the cluster recorded under --data")
+    # mount/umount parse their own arguments (seekstack.fs.fuse.main); listed here for --help.
+    for name, help_ in [("mount", "mount the cluster with FUSE: MOUNTPOINT --data DIR"), ("umount", "unmount")]:
+        sub.add_parser(name, help=help_, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     add("status", "nodes, chains and target states")
     ls = add("ls", "list a directory")
     ls.add_argument("path")
@@ -154,6 +157,11 @@ def _cp(fs, src: str, dst: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("mount", "umount"):
+        from seekstack.fs import fuse
+
+        return (fuse.mount_main if argv[0] == "mount" else fuse.umount_main)(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "up":
