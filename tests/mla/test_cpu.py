@@ -1,0 +1,116 @@
+"""The CPU path against the reference, with FlashMLA's recipe: permuted block tables, NaN in every unused slot and
+block, varlen and zero-length requests, s_q in {1, 2, 4}, causal on and off, h_q in {1, 16, 128} over h_kv in {1, 2},
+block sizes {1, 16, 64}, and FlashMLA's tolerances (out: abs 8e-4 or rel 2.01/128, cos diff 5e-6; lse: abs 1e-6
+or rel 8.01/65536)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekstack.mla import cpu as cpu_path
+from seekstack.mla import flash_mla_with_kvcache
+from seekstack.mla.interface import validate
+from seekstack.mla.testing import check_decode, make_case
+
+HEADS = [(1, 1), (16, 1), (16, 2), (128, 1), (128, 2)]
+
+
+def run_both(case, tokens_per_step=cpu_path.DEFAULT_TOKENS_PER_STEP, **kwargs):
+    kwargs = {**case.kwargs(), **kwargs}
+    ref = flash_mla_with_kvcache(*case.args(), **kwargs, backend="reference")
+    p = validate(*case.args(), kwargs.pop("softmax_scale", None), **kwargs)
+    got = cpu_path.mla_decode_cpu(p, tokens_per_step)
+    check_decode(*got, *ref)
+    return got, ref
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+@pytest.mark.parametrize("h_q,h_kv", HEADS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s_q", [1, 2, 4])
+def test_recipe(gen, s_q, causal, h_q, h_kv, block_size):
+    case = make_case(4, s_q, h_q, h_kv, 140, block_size=block_size, varlen=True, zero_lengths=1, causal=causal,
+                     generator=gen)  # fmt: skip
+    run_both(case)
+
+
+@pytest.mark.parametrize("tokens_per_step", [7, 48, 64, 200])
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_requests_longer_than_a_step_are_merged_exactly(gen, tokens_per_step, block_size):
+    case = make_case(5, 2, 16, 1, 300, block_size=block_size, varlen=True, zero_lengths=1, causal=True, generator=gen)
+    run_both(case, tokens_per_step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes(gen, dtype):
+    case = make_case(3, 2, 16, 1, 200, dtype=dtype, varlen=True, causal=True, generator=gen)
+    (out, lse), _ = run_both(case)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("d,dv", [(576, 512), (320, 256), (192, 128), (128, 128), (96, 40)])
+def test_head_dims(gen, d, dv):
+    case = make_case(3, 2, 16, 2, 130, d=d, dv=dv, block_size=16, varlen=True, causal=True, generator=gen)
+    (out, _), _ = run_both(case)
+    assert out.shape == (3, 2, 16, dv)
+
+
+@pytest.mark.parametrize("block_size", [3, 61, 128])
+def test_odd_block_sizes(gen, block_size):
+    case = make_case(3, 3, 9, 3, 150, block_size=block_size, varlen=True, causal=True, generator=gen)
+    run_both(case, tokens_per_step=100)
+
+
+def test_flashmla_corner_case(gen):
+    """FlashMLA's corner grid, b = 128, s_q = 2, varlen, some lengths 0; s_k = 512, not 4096, on CPU: the recipe
+    allocates b * max_len tokens of NaN-poisoned cache (2.6 GB of fp32 at 4096). test_gpu.py runs 4096."""
+    case = make_case(128, 2, 16, 1, 512, varlen=True, zero_lengths=9, causal=True, generator=gen)
+    run_both(case)
+
+
+def test_long_request_h128(gen):
+    case = make_case(2, 1, 128, 1, 4096, generator=gen)
+    run_both(case)
+
+
+def test_softmax_scale(gen):
+    case = make_case(2, 2, 16, 1, 100, varlen=True, causal=True, generator=gen)
+    run_both(case, softmax_scale=0.1)
+
+
+def test_default_backend_on_cpu_is_the_cpu_path(gen):
+    case = make_case(2, 1, 16, 1, 100, generator=gen)
+    auto = flash_mla_with_kvcache(*case.args(), **case.kwargs())
+    explicit = flash_mla_with_kvcache(*case.args(), **case.kwargs(), backend="cpu")
+    assert torch.equal(auto[0], explicit[0]) and torch.equal(auto[1], explicit[1])
+
+
+def test_non_contiguous_cache(gen):
+    """FlashMLA's FP8 helper leaves a padded block stride ([nb, bs + 1, ...][:, :bs]); any strided cache works."""
+    case = make_case(3, 2, 16, 1, 150, block_size=16, varlen=True, causal=True, generator=gen)
+    padded = torch.full((case.k_cache.shape[0], 17, 1, 576), float("nan"), dtype=case.k_cache.dtype)
+    padded[:, :16] = case.k_cache
+    case.k_cache = padded[:, :16]
+    run_both(case)
+
+
+def test_memory_is_bounded_by_the_step(gen):
+    """However long the batch, the gathered keys never exceed one step of tokens."""
+    step = 256
+    cpu_path._workspace.__dict__.pop("buffers", None)  # earlier tests grew it
+    case = make_case(6, 1, 16, 1, 2000, varlen=True, generator=gen)
+    run_both(case, tokens_per_step=step)
+    buffers = cpu_path._workspace.__dict__.get("buffers", {})
+    sizes = {name: buf.numel() for (name, *_), buf in buffers.items()}
+    assert sizes["keys"] <= step * 576 and sizes["rows"] <= step * 576
+    assert int(case.cache_seqlens.sum()) > 10 * step
+
+
+def test_short_requests_with_big_pages_stay_within_the_step(gen):
+    """Dense groups gather whole pages: 200 one-token requests on 64-token pages must not gather 200 pages."""
+    cpu_path._workspace.__dict__.pop("buffers", None)
+    case = make_case(200, 1, 16, 1, 1, block_size=64, generator=gen)
+    run_both(case, tokens_per_step=256)
+    rows = [buf for (name, *_), buf in cpu_path._workspace.__dict__["buffers"].items() if name == "rows"]
+    assert rows[0].numel() <= 256 * 576
