@@ -8,3 +8,7 @@ Each upstream project lives in its own subpackage (see docs/ARCHITECTURE.md):
 """
 
 __version__ = "0.1.0"
+
+from seekstack.triton_env import prepare_triton as _prepare_triton
+
+_prepare_triton(cheap=True)  # before torch can import triton in compiled mode (see seekstack.triton_env)

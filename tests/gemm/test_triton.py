@@ -138,7 +138,7 @@ def test_kernel_compiles_for_hopper_and_ampere(tmp_path):
         "k = compile_for(80, layout='contiguous', block_m=64, num_stages=2)\n"
         "assert 'mma' in k.asm['ptx'] and 'wgmma' not in k.asm['ptx']\n"
     )
-    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # explicit 0: `import seekstack` would otherwise choose 1
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

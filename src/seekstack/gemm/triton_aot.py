@@ -1,7 +1,7 @@
 """Compile the Triton GEMM kernel for a CUDA architecture without a GPU (Triton ships ptxas).
 
 A build check for machines without a GPU, and a way to fill Triton's cache ahead of time (DeepGEMM's most common
-deployment complaint is first-call JIT cost). Needs `TRITON_INTERPRET` unset.
+deployment complaint is first-call JIT cost). Needs `TRITON_INTERPRET=0` (or unset) before seekstack is imported.
 
 >>> kernel = compile_for(90, layout="dense")  # doctest: +SKIP
 >>> "wgmma" in kernel.asm["ptx"]  # doctest: +SKIP
@@ -34,7 +34,7 @@ def compile_for(
     from . import triton_gemm
 
     if triton_gemm.interpreting():
-        raise ValueError("TRITON_INTERPRET: unset it to compile for a GPU")
+        raise ValueError("TRITON_INTERPRET: set it to 0 before importing seekstack to compile for a GPU")
     if layout not in _LAYOUTS:
         raise ValueError(f"layout: expected one of {sorted(_LAYOUTS)}, got {layout!r}")
     if fp8:

@@ -18,10 +18,15 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 
-from .layout import ceil_div
+from seekstack.triton_env import prepare_triton
+
+prepare_triton()  # before the first `import triton`: without CUDA, kernels run in Triton's interpreter
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from .layout import ceil_div  # noqa: E402
 
 _DENSE, _CONTIGUOUS, _MASKED = 0, 1, 2
 

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import torch
 
-# Triton's own library functions (the combine functions of tl.max / tl.sum, ...) are decorated when triton.language
-# is first imported; if that happened before TRITON_INTERPRET was set, they are compiled-mode functions and every
-# interpreted kernel that reduces fails with "Cannot call @triton.jit'd outside of the scope of a kernel".
-_IMPORTED_TOO_EARLY = "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():  # the interpreter is the only way to run Triton without a GPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from seekstack.triton_env import imported_too_early, prepare_triton
+
+# See seekstack.triton_env: the interpreter must be chosen before triton.language is first imported.
+_IMPORTED_TOO_EARLY = imported_too_early()
+prepare_triton()
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
