@@ -6,6 +6,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from seekstack.dataframe.logical.nodes import RepartitionNode, walk
+from seekstack.dataframe.logical.optimizer import optimize
+
 from .conftest import random_frame
 
 
@@ -48,3 +51,30 @@ def test_more_partitions_than_rows_leaves_typed_empty_partitions(session):
     assert len(parts) == 5
     assert all(pq.read_schema(f).names == ["x", "s"] for files in parts for f in files)
     assert sorted(r["x"] for r in df.map("x + 1 AS x").take_all()) == [2, 3]
+
+
+def test_by_column_arrow_engine_matches_duckdb_engine(session, rng):
+    """Integer ids take the Arrow shuffle; the same ids as text take DuckDB's COPY PARTITION_BY. Both must route
+    every row to the partition its column names, and columns no later step reads are not written."""
+    pdf = random_frame(rng, 901).assign(pid=lambda d: rng.integers(0, 4, len(d)), row=lambda d: range(len(d)))
+    src = session.from_pandas(pdf).repartition(3, by_rows=True)
+    arrow_parts = partition_frames(src.repartition(4, by="pid"))
+    text = src.map("* REPLACE (CAST(pid AS VARCHAR) AS pid)")
+    duck_parts = partition_frames(text.repartition(4, by="pid"))
+    for p, (a, d) in enumerate(zip(arrow_parts, duck_parts, strict=True)):
+        assert set(a.pid) <= {p} and set(d.pid.astype(int)) <= {p}
+        assert sorted(a.row) == sorted(d.row) == sorted(pdf.row[pdf.pid == p])
+    assert row_multiset(pd.concat(arrow_parts)) == row_multiset(pdf)
+    pruned = session.partial_sql("SELECT row, v FROM {0}", src.repartition(4, by="pid"))
+    (rep,) = [n for n in walk(optimize(pruned._node)) if isinstance(n, RepartitionNode) and n.mode == "column"]
+    assert rep.columns == ["v", "row"]  # pid routes the rows but no later step reads it, so it is not written
+    assert sorted(pruned.to_pandas().row) == sorted(pdf.row)
+
+
+def test_by_column_null_or_out_of_range_ids_fail(inline):
+    from seekstack.dataframe.errors import StepError
+
+    for bad in ([0, None, 1], [0, -1, 1]):
+        df = inline.from_items([{"pid": x, "v": i} for i, x in enumerate(bad)])
+        with pytest.raises(StepError, match=r"repartition#\d+, partition 0: ValueError: by: .*ids in \[0, 2\)"):
+            df.repartition(2, by="pid").count()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -65,9 +67,13 @@ def execute(blob: bytes, attempt: int, settings: RunSettings) -> tuple:
         io.remove_tree(task.out_dir)  # leftovers of an attempt that died before its commit
         io.makedirs(task.out_dir)
         ctx = TaskContext(settings.threads, settings.memory_limit, settings.seed, attempt)
+        started = time.time()
         outputs = task.run(ctx)
         _maybe_inject(task, attempt, settings)
-        io.write_json_atomic(manifest_path(task), {"step": task.step, "index": task.index, "outputs": outputs})
+        # Timing and worker id make a job's schedule visible afterwards (stragglers, idle workers, barriers).
+        manifest = {"step": task.step, "index": task.index, "outputs": outputs}
+        manifest.update(started=started, finished=time.time(), worker=f"{socket.gethostname()}:{os.getpid()}")
+        io.write_json_atomic(manifest_path(task), manifest)
         return ("ok", outputs)
     except Exception as exc:  # noqa: BLE001 - every failure is reported to the driver, which decides on retries
         return ("err", type(exc).__name__, str(exc), _retryable(exc), traceback.format_exc())

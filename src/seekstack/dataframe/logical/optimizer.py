@@ -99,6 +99,7 @@ def _prune_columns(root: Node) -> None:
         if isinstance(node, RepartitionNode) and want is not None:
             schema = schemas.get(node.inputs[0].id)
             if schema is not None:
-                keep = [c for c in schema.names if c in want or c in node.keys]
+                # The partition key is read from the input to route rows, but written only if a later step reads it.
+                keep = [c for c in schema.names if c in want] or [c for c in schema.names if c in node.keys]
                 if 0 < len(keep) < len(schema.names):
                     node.columns = keep
