@@ -439,3 +439,46 @@ def test_ftruncate_follows_the_inode_across_rename(fs):
     with fs.open("/ft-b", "rb") as f, pytest.raises(OSError) as ei:
         f.truncate(0)
     assert ei.value.errno == errno.EBADF
+
+
+def test_readinto_receives_in_place_against_local_file(fs, tmp_path, seed):
+    """readinto/preadinto fill a caller's buffer (NaN-like 0xAB poison outside the read) straight from storage:
+    holes, short last chunks and odd offsets match a local file read with os.preadv."""
+    rng = random.Random(seed)
+    local = os.open(tmp_path / "ri", os.O_RDWR | os.O_CREAT)
+    try:
+        with fs.open("/ri.bin", "w+b") as f:
+            for off in (0, 3 * CHUNK + 17, 5 * CHUNK - 5):  # chunk 1..2 stay holes
+                data = rng.randbytes(rng.randrange(1, CHUNK))
+                f.pwrite(data, off)
+                os.pwrite(local, data, off)
+            size = os.fstat(local).st_size
+            for _ in range(12):
+                off, n = rng.randrange(0, size + CHUNK), rng.randrange(1, 3 * CHUNK)
+                got, want = bytearray(b"\xab" * (n + 7)), bytearray(b"\xab" * (n + 7))
+                k = f.preadinto(memoryview(got)[3 : 3 + n], off)
+                assert k == os.preadv(local, [memoryview(want)[3 : 3 + n]], off)
+                assert got == want
+            f.seek(0)
+            buf, out = bytearray(CHUNK + 3), bytearray()
+            while k := f.readinto(buf):
+                out += buf[:k]
+            assert out == os.pread(local, size, 0) and f.tell() == size
+    finally:
+        os.close(local)
+
+
+def test_cold_reads_from_evicted_chunk_files(cluster, fs, seed):
+    """Chunk files dropped from the page cache (the storage reads them in on an I/O thread, then sends them with
+    sendfile) read back byte for byte, whole chunks and partial ones alike."""
+    data = random.Random(seed).randbytes(7 * CHUNK + 321)
+    fs.write_bytes("/cold.bin", data)
+    os.sync()
+    for d, _, names in os.walk(cluster.dir):
+        for n in names:
+            fd = os.open(os.path.join(d, n), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+    with fs.open("/cold.bin", "rb") as f:
+        assert sha(f.pread(3 * CHUNK, CHUNK // 2)) == sha(data[CHUNK // 2 : CHUNK // 2 + 3 * CHUNK])
+        assert sha(f.read()) == sha(data)

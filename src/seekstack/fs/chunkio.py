@@ -9,6 +9,7 @@ import errno
 import random
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 from seekstack.fs.meta.layout import Layout, chunk_id, parse_chunk_id
 from seekstack.fs.protocol import ClientPool, RpcError
@@ -23,6 +24,17 @@ RETRYABLE = {
     errno.EAGAIN,
     errno.ENOENT,
 }
+
+
+CRC_THREAD_MIN = 256 << 10
+_CRC_POOL: ThreadPoolExecutor | None = None
+
+
+def _crc_pool() -> ThreadPoolExecutor:
+    global _CRC_POOL
+    if _CRC_POOL is None:
+        _CRC_POOL = ThreadPoolExecutor(4, thread_name_prefix="seekstack-fs-crc")
+    return _CRC_POOL
 
 
 class ChunkIO:
@@ -71,7 +83,19 @@ class ChunkIO:
 
     async def read(self, layout: Layout, ino: int, idx: int, offset: int, length: int) -> bytes:
         """Committed bytes of one chunk range (shorter at the chunk's end; holes read as empty), as a bytes-like
-        object (the receive buffer itself, not copied)."""
+        object (the receive buffer itself, a bytearray, not copied)."""
+        return await self._read(layout, ino, idx, offset, length, None)
+
+    async def read_into(self, layout: Layout, ino: int, idx: int, offset: int, dest: memoryview) -> int:
+        """Like `read` of `len(dest)` bytes, received straight into `dest` (a writable byte memoryview); returns
+        how many bytes the chunk had there (the rest of `dest` is left as it was)."""
+        data = await self._read(layout, ino, idx, offset, len(dest), dest)
+        n = len(data)
+        if n and not (isinstance(data, memoryview) and data.obj is dest.obj):
+            dest[:n] = data  # came in a buffer of its own (did not fit, or an old server)
+        return n
+
+    async def _read(self, layout: Layout, ino: int, idx: int, offset: int, length: int, dest):
         cid, chunk = layout.chain_of(idx), chunk_id(ino, idx)
         tries = 0
 
@@ -80,13 +104,19 @@ class ChunkIO:
             readers = self.routing.readers(cid)
             if not readers:
                 raise LookupError(cid)
-            # Load-balance first; after a pending-version answer or a failure, go to the tail, which commits first.
-            t = random.choice(readers) if tries == 0 else readers[-1 - (tries // 2) % len(readers)]
+            # First try: one replica per (file, chain), so the storage readahead of that replica's next chunks of
+            # the file pays off for a sequential reader, while the chains of a file (and different files) spread
+            # over all replicas. After a pending-version answer or a failure, go to the tail, which commits first.
+            t = readers[(ino + cid) % len(readers)] if tries == 0 else readers[-1 - (tries // 2) % len(readers)]
             tries += 1
             meta, data = await self.pool.get(t["addr"]).call_data(
-                "read", target=t["id"], chunk=chunk, offset=offset, length=length
+                "read", target=t["id"], chunk=chunk, offset=offset, length=length, into=dest
             )
-            if zlib.crc32(data) != meta["crc"]:
+            if len(data) >= CRC_THREAD_MIN:  # zlib releases the GIL: check on a thread while the loop receives more
+                crc = await asyncio.get_running_loop().run_in_executor(_crc_pool(), zlib.crc32, data)
+            else:
+                crc = zlib.crc32(data)
+            if crc != meta["crc"]:
                 raise RpcError(errno.EAGAIN, f"checksum mismatch reading {chunk} from target {t['id']}")
             return data
 

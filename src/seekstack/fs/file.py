@@ -60,18 +60,33 @@ class File(io.RawIOBase):
         size = max(0, min(size, self.size - offset))
         if size == 0:
             return b""
-        return self._client._run(self._aread(offset, size))
+        buf = bytearray(size)
+        self._client._run(self._aread(offset, memoryview(buf)))
+        return bytes(buf)
 
-    async def _aread(self, offset: int, size: int) -> bytes:
+    def preadinto(self, b, offset: int) -> int:
+        """Read into the writable buffer `b` at `offset` without moving the position; returns the byte count.
+        Each chunk's reply is received straight into `b` (no intermediate copy)."""
+        self._check(False)
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        mv = memoryview(b).cast("B")
+        size = max(0, min(len(mv), self.size - offset))
+        if size:
+            self._client._run(self._aread(offset, mv[:size]))
+        return size
+
+    async def _aread(self, offset: int, dest: memoryview) -> None:
         sem = asyncio.Semaphore(MAX_INFLIGHT)
 
         async def one(idx, off, n, boff):
+            part = dest[boff : boff + n]
             async with sem:
-                data = await self._client._io.read(self.layout, self.ino, idx, off, n)
-            return data if len(data) == n else data + bytes(n - len(data))  # holes and short chunks read as zeros
+                got = await self._client._io.read_into(self.layout, self.ino, idx, off, part)
+            if got < n:
+                part[got:] = bytes(n - got)  # holes and short chunks read as zeros
 
-        parts = await asyncio.gather(*(one(*s) for s in chunk_spans(offset, size, self.layout.chunk_size)))
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        await asyncio.gather(*(one(*s) for s in chunk_spans(offset, len(dest), self.layout.chunk_size)))
 
     def pwrite(self, data, offset: int) -> int:
         """Write `data` at `offset` without moving the position; returns the byte count once every chunk is
@@ -107,9 +122,9 @@ class File(io.RawIOBase):
         return self.read(-1)
 
     def readinto(self, b) -> int:
-        data = self.read(len(b))
-        memoryview(b).cast("B")[: len(data)] = data
-        return len(data)
+        n = self.preadinto(b, self.pos)
+        self.pos += n
+        return n
 
     def write(self, data) -> int:
         if self._append:

@@ -14,12 +14,15 @@ b'abc'
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import zlib
 from dataclasses import dataclass
 
-from seekstack.fs.meta.layout import chunk_id
+from seekstack.fs.meta.layout import chunk_id, parse_chunk_id
+
+ROW_CACHE = 1 << 16  # rows kept in memory per target (dropped wholesale when full)
 
 
 @dataclass
@@ -31,6 +34,8 @@ class Chunk:
     crc: int  # CRC32 of the committed bytes
     pending: int  # pending version, 0 if none
     pending_remove: bool
+    pending_length: int = 0
+    pending_crc: int = 0
 
 
 class ChunkEngine:
@@ -46,6 +51,9 @@ class ChunkEngine:
             "committed INTEGER NOT NULL, length INTEGER NOT NULL, crc INTEGER NOT NULL, pending INTEGER NOT NULL, "
             "pending_remove INTEGER NOT NULL, pending_length INTEGER NOT NULL, pending_crc INTEGER NOT NULL)"
         )
+        # Write-through copy of the rows (this process is the only writer of its database): every chunk update
+        # used to re-read its row up to three times, the largest per-chunk cost after the bytes themselves.
+        self._rows: dict[str, Chunk | None] = {}
         self._collect_garbage()
 
     def _path(self, cid: str, ver: int) -> str:
@@ -64,6 +72,16 @@ class ChunkEngine:
         with open(self._path(cid, ver), "wb", buffering=0) as f:
             f.write(data)
 
+    def write_version(self, cid: str, ver: int, data) -> None:
+        """Write the data file of version `ver` only (no metadata), so the service can do it on an I/O thread;
+        `set_pending(..., written=True)` then records it. Touches no SQLite state, so it is thread-safe."""
+        self._write_file(cid, ver, data)
+
+    def open_version(self, cid: str, ver: int) -> int:
+        """An fd on version `ver`'s data file: it keeps the bytes readable on an I/O thread even if a commit
+        unlinks the file meanwhile (copy-on-write: the file itself never changes)."""
+        return os.open(self._path(cid, ver), os.O_RDONLY)
+
     def _unlink(self, cid: str, ver: int):
         try:
             os.unlink(self._path(cid, ver))
@@ -72,10 +90,19 @@ class ChunkEngine:
 
     # ---------------------------------------------------------------- queries
     def get(self, cid: str) -> Chunk | None:
+        if cid in self._rows:
+            c = self._rows[cid]
+            return None if c is None else dataclasses.replace(c)  # a copy: callers may keep it across updates
         row = self.conn.execute(
-            "SELECT id, chain_ver, committed, length, crc, pending, pending_remove FROM chunks WHERE id = ?", (cid,)
+            "SELECT id, chain_ver, committed, length, crc, pending, pending_remove, pending_length, pending_crc "
+            "FROM chunks WHERE id = ?",
+            (cid,),
         ).fetchone()
-        return None if row is None else Chunk(*row[:6], bool(row[6]))
+        c = None if row is None else Chunk(*row[:6], bool(row[6]), row[7], row[8])
+        if len(self._rows) >= ROW_CACHE:
+            self._rows.clear()
+        self._rows[cid] = c
+        return None if c is None else dataclasses.replace(c)
 
     def read(self, cid: str, offset: int = 0, length: int = -1, ver: int | None = None) -> bytes:
         """Bytes of the committed version (or version `ver`)."""
@@ -94,6 +121,18 @@ class ChunkEngine:
         rows = self.conn.execute("SELECT id, chain_ver, committed, pending, crc FROM chunks")
         return {r[0]: [r[1], r[2], r[3], r[4]] for r in rows}
 
+    def next_committed(self, cid: str, limit: int) -> list[tuple[str, int]]:
+        """(chunk id, committed version) of up to `limit` chunks of the same file after `cid`, in index order."""
+        inode, _ = parse_chunk_id(cid)
+        rows = self.conn.execute(
+            "SELECT id, committed FROM chunks WHERE id > ? AND id <= ? AND committed > 0 ORDER BY id LIMIT ?",
+            (cid, chunk_id(inode, 0xFFFFFFFF), limit),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def version_path(self, cid: str, ver: int) -> str:
+        return self._path(cid, ver)
+
     def chunks_of(self, inode: int) -> list[tuple[str, int]]:
         """(chunk id, committed length) of one file's committed chunks, in index order (one key range)."""
         lo, hi = chunk_id(inode, 0), chunk_id(inode, 0xFFFFFFFF)
@@ -103,20 +142,34 @@ class ChunkEngine:
         return [(r[0], r[1]) for r in rows]
 
     # ---------------------------------------------------------------- updates
-    def set_pending(self, cid: str, ver: int, data: bytes | None, chain_ver: int, crc: int | None = None):
+    def set_pending(
+        self, cid: str, ver: int, data: bytes | None, chain_ver: int, crc: int | None = None, written: bool = False
+    ):
         """Store pending version `ver` (`data=None`: a pending removal) next to the committed one; `crc` is the
-        data's CRC32 if the caller already has it."""
+        data's CRC32 if the caller already has it; `written`: its data file is already there (`write_version`)."""
         old = self.get(cid)
-        if old is not None and old.pending and old.pending != old.committed:
+        if old is not None and old.pending and old.pending != old.committed and not (written and old.pending == ver):
             self._unlink(cid, old.pending)  # an aborted or superseded attempt
-        if data is not None:
+        if data is not None and not written:
             self._write_file(cid, ver, data)
+        crc = _crc(data) if crc is None else crc
+        self._rows.pop(cid, None)  # if the statement fails, the next get reads the row again
         self.conn.execute(
             "INSERT INTO chunks (id, chain_ver, committed, length, crc, pending, pending_remove, pending_length, "
             "pending_crc) VALUES (?, ?, 0, 0, 0, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
             "chain_ver = excluded.chain_ver, pending = excluded.pending, pending_remove = excluded.pending_remove, "
             "pending_length = excluded.pending_length, pending_crc = excluded.pending_crc",
-            (cid, chain_ver, ver, int(data is None), len(data or b""), _crc(data) if crc is None else crc),
+            (cid, chain_ver, ver, int(data is None), len(data or b""), crc),
+        )
+        if old is None:
+            old = Chunk(cid, chain_ver, 0, 0, 0, 0, False)
+        self._rows[cid] = dataclasses.replace(
+            old,
+            chain_ver=chain_ver,
+            pending=ver,
+            pending_remove=data is None,
+            pending_length=len(data or b""),
+            pending_crc=crc,
         )
 
     def commit(self, cid: str, ver: int):
@@ -124,13 +177,18 @@ class ChunkEngine:
         old = self.get(cid)
         if old is None or old.pending != ver:
             return
+        self._rows.pop(cid, None)
         if old.pending_remove:
             self.conn.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+            self._rows[cid] = None
         else:
             self.conn.execute(
                 "UPDATE chunks SET committed = pending, length = pending_length, crc = pending_crc, pending = 0 "
                 "WHERE id = ? AND pending = ?",
                 (cid, ver),
+            )
+            self._rows[cid] = dataclasses.replace(
+                old, committed=ver, length=old.pending_length, crc=old.pending_crc, pending=0
             )
         if old.committed and old.committed != ver:
             self._unlink(cid, old.committed)
@@ -139,16 +197,20 @@ class ChunkEngine:
         c = self.get(cid)
         if c is None or c.pending != ver:
             return
+        self._rows.pop(cid, None)
         if c.committed == 0:
             self.conn.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+            self._rows[cid] = None
         else:
             self.conn.execute("UPDATE chunks SET pending = 0 WHERE id = ?", (cid,))
+            self._rows[cid] = dataclasses.replace(c, pending=0)
         if ver != c.committed:
             self._unlink(cid, ver)
 
     def replace(self, cid: str, ver: int, data: bytes | None, chain_ver: int):
         """Full-chunk replace used by resync: committed := (ver, data), pending dropped; `None` deletes."""
         old = self.get(cid)
+        self._rows.pop(cid, None)  # read back from the database on next use
         if data is None:
             self.conn.execute("DELETE FROM chunks WHERE id = ?", (cid,))
         else:

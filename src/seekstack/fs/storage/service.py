@@ -14,17 +14,90 @@ import asyncio
 import contextlib
 import errno
 import os
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 from seekstack.fs.meta.layout import parse_chunk_id
-from seekstack.fs.protocol import ClientPool, RpcError, RpcServer, TransportError
+from seekstack.fs.protocol import ClientPool, FileSpan, RpcError, RpcServer, TransportError
 from seekstack.fs.routing import SERVING, SYNCING, RoutingCache
 from seekstack.fs.storage.engine import ChunkEngine, apply_update
 from seekstack.fs.storage.resync import start_resyncs
 
 RETRYABLE = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.ESTALE, errno.ESHUTDOWN, errno.EAGAIN}
 FORWARD_DEADLINE = 30.0
+IO_THREADS = 8  # chunk files read/written concurrently per storage process (a cold read waits on the disk)
+READAHEAD_CHUNKS = 4  # chunks of a file a target starts reading ahead after a read that had to wait on the disk
+IO_THREAD_MIN = 64 << 10  # smaller chunk files are written inline: a thread hop costs more than the write
+
+
+def _looks_cached(fd: int, offset: int, length: int) -> bool:
+    """Whether the first and last byte of the range are in the page cache (a probe that copies two bytes), so
+    a sendfile on the event loop will most likely not wait on the disk."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return False
+    probe = bytearray(1)
+    try:
+        return os.preadv(fd, [probe], offset, flag) == 1 and os.preadv(fd, [probe], offset + length - 1, flag) == 1
+    except OSError:
+        return False
+
+
+_scratch = threading.local()
+
+
+def _willneed(paths: list[str]) -> None:
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:  # superseded and unlinked meanwhile
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
+def _read_in(fd: int, offset: int, length: int) -> None:
+    """Bring a range into the page cache, reading it into this I/O thread's reused scratch buffer (the bytes
+    themselves then leave with sendfile)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < length:
+        buf = _scratch.buf = memoryview(bytearray(length))
+    got = 0
+    while got < length:
+        k = os.preadv(fd, [buf[got:length]], offset + got)
+        if k == 0:
+            break
+        got += k
+
+
+def _pread_cached(fd: int, length: int, offset: int):
+    """The bytes if the page cache holds all of them, else None (without waiting on the disk)."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None or length == 0:
+        return None
+    buf = bytearray(length)
+    try:
+        got = os.preadv(fd, [buf], offset, flag)
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT on this file system
+        return None
+    return buf if got == length else None
+
+
+def _pread_crc(fd: int, length: int, offset: int, want_crc: bool):
+    """Read `length` bytes at `offset` (fewer at EOF) and, if asked, their CRC32 — both with the GIL released."""
+    buf = bytearray(length)
+    mv, got = memoryview(buf), 0
+    while got < length:
+        k = os.preadv(fd, [mv[got:]], offset + got)
+        if k == 0:
+            break
+        got += k
+    data = buf if got == length else buf[:got]
+    return data, (zlib.crc32(data) if want_crc else 0)
 
 
 def stale(msg: str) -> OSError:
@@ -43,6 +116,9 @@ class StorageNode:
         self.locks: dict[str, list] = {}
         self.lease, self.last_ok = 2.0, time.monotonic()
         self.resyncing: dict[int, asyncio.Task] = {}  # syncing target id -> the task resyncing it
+        self._pool_io: ThreadPoolExecutor | None = None
+        # (target, inode) -> (last chunk id read, last chunk id read ahead)
+        self._ra_done: dict[tuple[int, int], tuple[str, str]] = {}
         handlers = {
             "write": self.h_write,
             "forward": self.h_forward,
@@ -117,6 +193,31 @@ class StorageNode:
         await self._heartbeat_loop()
 
     # ---------------------------------------------------------------- helpers
+    def _readahead(self, eng: ChunkEngine, tid: int, chunk: str, only_if_started: bool = False) -> None:
+        """After a chunk had to come from the disk, ask the kernel to start reading this target's next chunks of
+        the same file (posix_fadvise WILLNEED, not waited for): a sequential reader finds them cached. Only the
+        page cache changes; what a later read returns is still decided by the metadata at that read."""
+        inode, _ = parse_chunk_id(chunk)
+        last, done = self._ra_done.get((tid, inode), ("", ""))
+        if only_if_started and not (last < chunk <= done):
+            return
+        if chunk <= last:  # the reader went back (a new pass): what was read ahead may be gone from the cache
+            done = ""
+        todo = [(c, v) for c, v in eng.next_committed(chunk, READAHEAD_CHUNKS) if c > done]
+        if len(self._ra_done) > 4096:
+            self._ra_done.clear()
+        self._ra_done[(tid, inode)] = (chunk, todo[-1][0] if todo else done)
+        if not todo:
+            return
+        if self._pool_io is not None:
+            self._pool_io.submit(_willneed, [eng.version_path(c, v) for c, v in todo])
+
+    async def _io(self, fn, *args):
+        """Run blocking file I/O on the node's I/O threads."""
+        if self._pool_io is None:
+            self._pool_io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix=f"storage{self.node}-io")
+        return await asyncio.get_running_loop().run_in_executor(self._pool_io, fn, *args)
+
     def _engine(self, target: int) -> ChunkEngine:
         eng = self.engines.get(int(target))
         if eng is None:
@@ -230,9 +331,25 @@ class StorageNode:
                 # of the result is ours too: only the head makes a pass over the bytes.
                 crcs = (base, new_crc)
             for _ in range(8):
-                eng.set_pending(chunk, ver, new, chain_ver, crcs[1])
+                writing = None
+                if new is not None and len(new) >= IO_THREAD_MIN:
+                    # Record the pending version, then write its data file on an I/O thread (the GIL is released)
+                    # while the update travels down the chain: the hop's disk write overlaps the successors' work.
+                    # Safe because nothing reads a pending version's file, and we commit (and so acknowledge)
+                    # only after the file is complete; a crash meanwhile leaves an uncommitted pending version,
+                    # which resync replaces.
+                    eng.set_pending(chunk, ver, new, chain_ver, crcs[1], written=True)
+                    writing = asyncio.ensure_future(self._io(eng.write_version, chunk, ver, new))
+                else:
+                    eng.set_pending(chunk, ver, new, chain_ver, crcs[1])
                 try:
-                    await self._forward(tid, cid, chunk, ver, op, offset, data, new, chunk_size, full, crcs)
+                    try:
+                        await self._forward(tid, cid, chunk, ver, op, offset, data, new, chunk_size, full, crcs)
+                    finally:
+                        if writing is not None:  # settle our own write before an abort may unlink its file
+                            await asyncio.wait([writing])
+                    if writing is not None:
+                        writing.result()  # raises the local write's OSError
                 except RpcError as e:
                     eng.abort(chunk, ver)
                     if head and e.errno == errno.EOVERFLOW:  # resend the whole chunk above the successor's version
@@ -318,11 +435,40 @@ class StorageNode:
             return {"len": 0, "crc": zlib.crc32(b""), "exists": False}, b""
         if c.pending and not a.get("relaxed"):
             raise OSError(errno.EAGAIN, f"chunk {a['chunk']} has a pending version")
-        data = eng.read(a["chunk"], int(a.get("offset", 0)), int(a.get("length", -1)), ver=c.committed)
+        offset, length = int(a.get("offset", 0)), int(a.get("length", -1))
+        offset = min(max(offset, 0), c.length)
+        length = c.length - offset if length < 0 else min(length, c.length - offset)
+        # The fd is opened here, in step with the metadata just read, and keeps this version's bytes even if a
+        # commit unlinks the file while an I/O thread reads it (so the disk wait does not stall the loop).
+        fd = eng.open_version(a["chunk"], c.committed)
+        whole = length == c.length
+        if whole and length >= IO_THREAD_MIN:
+            # A whole chunk goes out with sendfile, from the page cache to the socket (the RPC layer closes the
+            # fd); the CRC stored at write time goes with it, so the client still checks disk and wire end to end.
+            # Bytes not cached yet are first read in on an I/O thread, so the loop never waits on the disk.
+            try:
+                if not _looks_cached(fd, offset, length):
+                    await self._io(_read_in, fd, offset, length)
+                    self._readahead(eng, tid, a["chunk"])
+                elif self._ra_done:  # keep a reader that is inside its read-ahead window ahead of the disk
+                    self._readahead(eng, tid, a["chunk"], only_if_started=True)
+            except BaseException:
+                os.close(fd)
+                raise
+            return {"len": c.length, "crc": c.crc, "exists": True}, FileSpan(fd, offset, length)
+        try:
+            # Cached bytes are copied right here (RWF_NOWAIT fails instead of waiting on the disk); only a read
+            # that would wait goes to an I/O thread, since the thread hop costs more than a cached copy.
+            got = _pread_cached(fd, length, offset)
+            if got is not None:
+                data, crc = got, (0 if whole else zlib.crc32(got))
+            else:
+                data, crc = await self._io(_pread_crc, fd, length, offset, not whole)
+        finally:
+            os.close(fd)
         # A whole-chunk read returns the CRC stored at write time, so the client's check covers the disk as well
         # as the wire (and we skip a pass over the bytes); a partial read gets the CRC of its slice.
-        crc = c.crc if len(data) == c.length else zlib.crc32(data)
-        return {"len": c.length, "crc": crc, "exists": True}, data
+        return {"len": c.length, "crc": c.crc if whole else crc, "exists": True}, data
 
     async def h_query_last(self, a, payload):
         """Length implied by a file's chunks on this target: max(index * chunk_size + chunk length)."""
