@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5, help="timed passes per case (the median is reported)")
     p.add_argument("--workdir", default=None, help="where the cluster and the local files live (default: a temp dir)")
+    p.add_argument("--no-access", action="store_true", help="skip the access-layer table (mount, batched I/O, KVCache)")
+    p.add_argument("--no-mount", action="store_true", help="skip the FUSE rows of the access-layer table")
     a = p.parse_args(argv)
     if a.size_mb < 1 or a.block_mb < 1 or a.size_mb % a.block_mb:
         raise ValueError(f"--size-mb must be a positive multiple of --block-mb, got {a.size_mb}, {a.block_mb}")
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     report.note("targets: " + "; ".join(verdicts))
     report.emit()
+    if not a.no_access:  # second table: the access layers against the plain client (seekstack.fs.access_bench)
+        from seekstack.fs import access_bench
+
+        return access_bench.main(["--no-mount"] if a.no_mount else [])
     return 0
 
 
