@@ -482,3 +482,19 @@ def test_cold_reads_from_evicted_chunk_files(cluster, fs, seed):
     with fs.open("/cold.bin", "rb") as f:
         assert sha(f.pread(3 * CHUNK, CHUNK // 2)) == sha(data[CHUNK // 2 : CHUNK // 2 + 3 * CHUNK])
         assert sha(f.read()) == sha(data)
+
+
+def test_close_on_the_client_loop_thread_does_not_deadlock(cluster, fs):
+    # pyarrow/pandas can drop the last reference to a File on any thread, including the client's event-loop thread;
+    # io.RawIOBase.__del__ then calls close(), which must not wait on the loop it is running on.
+    f = fs.open("/closed_on_loop.bin", "wb")
+    f.write(b"y" * 777)
+    done = threading.Event()
+    fs._loop.call_soon_threadsafe(lambda: (f.close(), done.set()))
+    assert done.wait(10), "close() on the loop thread hung"
+    deadline = time.monotonic() + 10
+    while fs.stat("/closed_on_loop.bin").st_size != 777:  # the close reaches meta asynchronously
+        assert time.monotonic() < deadline, "the close never reached meta"
+        time.sleep(0.05)
+    with cluster.connect() as other, other.open("/closed_on_loop.bin", "rb") as g:
+        assert g.read() == b"y" * 777

@@ -109,7 +109,16 @@ class FsClient:
         if self._closed:
             coro.close()
             raise ValueError("client is closed")
+        if threading.current_thread() is self._thread:
+            # Waiting here would wait on ourselves (a File garbage-collected on the loop thread calls close()).
+            coro.close()
+            raise RuntimeError("blocking client call from the client's own event-loop thread")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _meta_nowait(self, method: str, **args) -> None:
+        """Send a meta request without waiting for the reply: for close() from a finalizer on the loop thread."""
+        if not self._closed:
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._ameta(method, **args)))
 
     async def _heartbeat_loop(self):
         """Tell mgmtd we are alive, so meta keeps our write sessions (it prunes those of silent clients)."""

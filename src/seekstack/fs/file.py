@@ -10,6 +10,7 @@ import asyncio
 import errno
 import io
 import os
+import threading
 
 from seekstack.fs.meta.layout import Layout, chunk_spans
 
@@ -169,7 +170,8 @@ class File(io.RawIOBase):
             return
         try:
             if self.session is not None:  # read-only opens have no session on meta: nothing to tell it
-                self._client._meta(
+                on_loop = threading.current_thread() is self._client._thread  # e.g. garbage-collected there
+                (self._client._meta_nowait if on_loop else self._client._meta)(
                     "close",
                     ino=self.ino,
                     session=self.session,
