@@ -47,3 +47,18 @@ def test_measure_and_report(tmp_path):
     path = report.emit(tmp_path)
     data = json.loads(path.read_text())
     assert data["rows"] == [["a", 1.5]] and data["columns"] == ["case", "ms"] and "cpu" in data["hardware"]
+
+
+def test_fs_mount_subcommands_reach_the_fuse_entry_points(capsys):
+    for sub in ("mount", "umount"):
+        with pytest.raises(SystemExit) as exc:
+            main(["fs", sub, "--help"])
+        assert exc.value.code == 0
+        assert f"seekstack fs {sub}" in capsys.readouterr().out
+
+
+def test_component_help_is_its_own(capsys):
+    with pytest.raises(SystemExit):
+        main(["fs", "--help"])
+    out = capsys.readouterr().out
+    assert "up" in out and "mount" in out and "status" in out
