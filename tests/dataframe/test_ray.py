@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -52,3 +53,20 @@ def test_ray_retries_injected_faults(ray_session, rng):
     finally:
         ray_session.fault_inject_prob, ray_session._executor = 0.0, None
     assert sorted(got.w1) == sorted(pdf.w + 1)
+
+
+def test_ray_tasks_reach_a_3fs_data_root(ray_session, tmp_path, rng):
+    """Ray workers get the session's storage options with their settings and connect to the cluster themselves."""
+    from seekstack.dataframe import io
+    from seekstack.fs.cluster import Cluster
+
+    pdf = random_frame(rng, 700)
+    with Cluster(tmp_path / "cluster", storage_nodes=1, replicas=1) as cluster:
+        options = {"3fs": {"data": str(cluster.dir)}}
+        with sp.init(data_root="3fs:///ray", ray_address="local", storage_options=options) as s:
+            df = s.from_pandas(pdf).repartition(3, hash_by="g")
+            got = s.partial_sql("SELECT g, sum(w) AS s FROM {0} GROUP BY g", df).take_all()
+            manifests = [f for f in io.filesystem(s.tasks_dir).find(s.tasks_dir) if f.endswith("_SUCCESS.json")]
+            workers = {io.read_json("3fs://" + m)["worker"] for m in manifests}
+    assert sorted((r["g"], r["s"]) for r in got) == sorted(pdf.groupby("g")["w"].sum().items())
+    assert manifests and not any(w.endswith(f":{os.getpid()}") for w in workers)

@@ -1,4 +1,5 @@
-"""seekstack.dataframe: smallpond's DataFrame API on DuckDB, over a local directory or an fsspec file system.
+"""seekstack.dataframe: smallpond's DataFrame API on DuckDB, over a local directory or an fsspec file system such as
+a seekstack.fs cluster (``3fs://`` paths; see `init`'s ``storage_options``).
 
 Data is split into partitions of parquet files; each task runs DuckDB (or a Python function) on one partition in
 a fresh connection and commits its output atomically. Tasks run on a local process pool or on Ray.

@@ -1,6 +1,10 @@
-"""`seekstack bench sort [--size 256MB] [--executors N] [--repeat 3] [--ray]`: GraySort on the dataframe layer
-(with 1 and with N executors) next to one DuckDB ``ORDER BY`` and Polars' sort of the same generated data, every
-run validated (order, count, checksum).
+"""`seekstack bench sort [--size 256MB] [--executors N] [--repeat 3] [--ray] [--data-root 3fs:///sort]`: GraySort
+on the dataframe layer (with 1 and with N executors) next to one DuckDB ``ORDER BY`` and Polars' sort of the same
+generated data, every run validated (order, count, checksum).
+
+``--data-root 3fs://...`` keeps the input, the intermediate files and our output on a seekstack.fs cluster (the one
+of ``--fs-data DIR`` or ``$SEEKSTACK_FS_DATA``; with neither, a local 3-node cluster is started for the run); the
+baselines then read the same input from the cluster and write their output to the local scratch directory.
 
 Every figure is relative to the single-process DuckDB sort measured in the same run (target: within 1.5x); the cases
 run in interleaved rounds and the table shows medians, as other processes share the cores.
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="rounds; every case runs once per round, medians shown")
     p.add_argument("--ray", action="store_true", help="also run on a local Ray (127.0.0.1)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--data-root", default=None, help="session data root, local or 3fs://... (default: under workdir)")
+    p.add_argument("--fs-data", default=None, help="data dir of the seekstack.fs cluster for 3fs:// (fs up --data)")
     args = p.parse_args(argv)
     if args.executors < 1 or args.repeat < 1:
         raise ValueError("--executors and --repeat must be >= 1")
@@ -80,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     n_out = args.partitions or auto_partitions(nbytes, args.executors)
     n_in = args.executors  # one shuffle task per executor: each reads its input once and writes all its buckets
     workdir = args.workdir or tempfile.mkdtemp(prefix="seekstack-sort-")
-    root = os.path.join(workdir, "root")
+    root = args.data_root or os.path.join(workdir, "root")
+    cluster, storage = _storage(root, args.fs_data, workdir)
     threads = os.cpu_count() or 1
     columns = ["case", "seconds (median)", "MB/s", "x DuckDB time", "CPU s", "x DuckDB CPU", "valid"]
     report = Report("sort", columns)
@@ -92,10 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         data_partitions=n_in,
         threads=threads,
         repeat=args.repeat,
+        data_root=root,
     )
     sessions = []
     try:
-        with sp.init(data_root=root, num_executors=args.executors, job_id="gen-" + uuid.uuid4().hex[:6]) as s:
+        with sp.init(
+            data_root=root, num_executors=args.executors, job_id="gen-" + uuid.uuid4().hex[:6], storage_options=storage
+        ) as s:
+            sessions.append(("generate", s))
             data = generate_input(s, records, n_in, n_out)
             t_gen = _timed(data.compute)
             gen_files = [f for part in data._partitions() for f in part]
@@ -103,14 +114,15 @@ def main(argv: list[str] | None = None) -> int:
 
         # One session (and warm worker pool) per configuration, reused by every round.
         for ex in sorted({1, args.executors}):
-            sessions.append((f"seekstack.dataframe ({ex} executor{'s' if ex > 1 else ''})", _session(sp, root, ex)))
+            name = f"seekstack.dataframe ({ex} executor{'s' if ex > 1 else ''})"
+            sessions.append((name, _session(sp, root, ex, storage_options=storage)))
         if args.ray:
             from seekstack.dataframe.execution.ray_executor import start_ray
 
             start_ray("local", args.executors)  # started outside the timing: Ray init is a one-off ~6 s
-            rs = _session(sp, root, args.executors, ray_address="local")
+            rs = _session(sp, root, args.executors, ray_address="local", storage_options=storage)
             sessions.append((f"seekstack.dataframe on Ray ({args.executors} CPUs)", rs))
-        cases = {name: (lambda s=session: _ours(s, gen_files, n_in, n_out)) for name, session in sessions}
+        cases = {name: (lambda s=session: _ours(s, gen_files, n_in, n_out)) for name, session in sessions[1:]}
         cases["DuckDB ORDER BY (1 process)"] = lambda: _duckdb_sort(gen_files, workdir, threads)
         cases["Polars sort (1 process)"] = lambda: _polars_sort(gen_files, workdir)
         times: dict[str, list[float]] = {name: [] for name in cases}
@@ -142,12 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         report.note("CPU s: user+system seconds of the driver and its pool workers (Ray workers not counted)")
         report.emit()
     finally:
+        from seekstack.dataframe import io
+
         for _, session in sessions:
             session.shutdown()
+            if args.workdir is None and not io.is_local(root):
+                io.remove_tree(session.job_dir)  # a local root goes with the scratch directory
         if args.ray:
             import ray
 
             ray.shutdown()
+        if cluster is not None:
+            cluster.stop()
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
@@ -159,8 +177,30 @@ def auto_partitions(nbytes: int, executors: int) -> int:
     return 1 << max(1, (want - 1).bit_length())
 
 
-def _session(sp, root: str, executors: int, ray_address: str | None = None):
-    session = sp.init(data_root=root, num_executors=executors, ray_address=ray_address, job_id=uuid.uuid4().hex[:8])
+def _storage(root: str, fs_data: str | None, workdir: str):
+    """(a cluster we started or None, storage options) for `root`: a 3fs:// root needs a seekstack.fs cluster."""
+    from seekstack.dataframe import io
+
+    if io.protocol_of(root) not in io.FS_PROTOCOLS:
+        return None, None
+    fs_data = fs_data or os.environ.get("SEEKSTACK_FS_DATA")
+    cluster = None
+    if not fs_data:
+        from seekstack.fs.cluster import Cluster
+
+        cluster = Cluster(os.path.join(workdir, "3fs"), storage_nodes=3, replicas=1).start()
+        fs_data = str(cluster.dir)
+    return cluster, {"3fs": {"data": os.path.abspath(fs_data)}}
+
+
+def _session(sp, root: str, executors: int, ray_address: str | None = None, storage_options=None):
+    session = sp.init(
+        data_root=root,
+        num_executors=executors,
+        ray_address=ray_address,
+        job_id=uuid.uuid4().hex[:8],
+        storage_options=storage_options,
+    )
     # Start the workers (and their imports) outside the timing, as a long-running service would have them.
     session.from_items(list(range(4 * executors))).repartition(2 * executors, by_rows=True).count()
     return session
@@ -179,14 +219,13 @@ def _ours(session, files: list[str], n_in: int, n_out: int):
 
 
 def _duckdb_sort(files: list[str], workdir: str, threads: int):
-    import duckdb
 
+    from seekstack.dataframe.execution import duck
     from seekstack.dataframe.execution.duck import sql_list
     from seekstack.dataframe.sort.validate import validate_partitions
 
     out = os.path.join(workdir, "duckdb-sorted.parquet")
-    con = duckdb.connect(config={"threads": threads})
-    con.execute("SET enable_progress_bar = false")
+    con = duck.connect(threads, None, files)  # reads a 3fs:// input through the same fsspec bridge as our tasks
     t, cpu = _timed_cpu(
         lambda: con.execute(
             f"COPY (SELECT key, record FROM read_parquet({sql_list(files)}) ORDER BY key) TO '{out}' "
@@ -194,17 +233,29 @@ def _duckdb_sort(files: list[str], workdir: str, threads: int):
         ),
         [],
     )
-    con.close()
+    duck.close(con)
     return t, cpu, validate_partitions([[out]])
 
 
 def _polars_sort(files: list[str], workdir: str):
     import polars as pl
 
+    from seekstack.dataframe import io
     from seekstack.dataframe.sort.validate import validate_partitions
 
     out = os.path.join(workdir, "polars-sorted.parquet")
-    t, cpu = _timed_cpu(lambda: pl.scan_parquet(files).select("key", "record").sort("key").sink_parquet(out), [])
+    if all(io.is_local(f) for f in files):
+        t, cpu = _timed_cpu(lambda: pl.scan_parquet(files).select("key", "record").sort("key").sink_parquet(out), [])
+    else:  # Polars cannot read fsspec URLs lazily: read each file through its file object, then sort in memory
+
+        def run():
+            frames = []
+            for f in files:
+                with io.open_input(f) as src:
+                    frames.append(pl.read_parquet(src, columns=["key", "record"]))
+            pl.concat(frames).sort("key").write_parquet(out)
+
+        t, cpu = _timed_cpu(run, [])
     return t, cpu, validate_partitions([[out]])
 
 

@@ -5,7 +5,8 @@ Every setting is resolved as argument > environment variable > default:
 | argument | environment | default |
 |---|---|---|
 | `job_id` | `SP_JOBID` | a new timestamped id; pass the same id again to resume a job from its checkpoints |
-| `data_root` | `SP_DATA_ROOT` | `~/.seekstack/dataframe` (a local path, or an fsspec URL such as `3fs://...`) |
+| `data_root` | `SP_DATA_ROOT` | `~/.seekstack/dataframe` (a local path, or an fsspec URL such as `3fs:///sp`) |
+| `storage_options` | `SP_STORAGE_OPTIONS` (JSON) | `{"3fs": {"data": $SEEKSTACK_FS_DATA}}` if that is set, else none |
 | `num_executors` | `SP_NUM_EXECUTORS` | number of CPUs; 0 runs tasks inline in this process |
 | `ray_address` | `SP_RAY_ADDRESS` | none: the local process pool; `"local"` starts Ray on 127.0.0.1 |
 | `task_threads` | `SP_TASK_THREADS` | 1 DuckDB thread per task |
@@ -20,6 +21,14 @@ Every setting is resolved as argument > environment variable > default:
 >>> sp.partial_sql("SELECT sum(x) AS s FROM {0}", df).take_all()
 [{'s': 6}]
 >>> sp.shutdown()
+
+Storage: every path (`data_root`, readers, `write_parquet`) may be local or a `3fs://` URL of a `seekstack.fs`
+cluster, mixed freely. `storage_options` says how to reach it, ``{"3fs": {"data": DIR}}`` (the `--data DIR` of
+`seekstack fs up`) or ``{"3fs": {"mgmtd": "127.0.0.1:PORT", "token": TOKEN}}``; worker processes and Ray tasks
+receive it with their settings, so they connect to the same cluster.
+
+>>> # sp = init(data_root="3fs:///sp", storage_options={"3fs": {"data": "/tmp/3fs"}})
+>>> # sp.read_parquet("3fs:///in/*.parquet").repartition(4, hash_by="k").write_parquet("3fs:///out")
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import hashlib
+import json
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -62,6 +72,13 @@ def _default_memory(num_executors: int) -> str:
     return f"{max(256, int(total * 0.8 / max(1, num_executors)) >> 20)}MB"
 
 
+def _default_storage_options() -> dict:
+    # Made explicit (rather than left to seekstack.fs' own default) so Ray workers on other machines, whose
+    # environment may differ, still find the cluster.
+    data = os.environ.get("SEEKSTACK_FS_DATA")
+    return {"3fs": {"data": os.path.abspath(data)}} if data else {}
+
+
 @dataclass
 class Session:
     """A job: its data directory, its executor and its settings (see `init`)."""
@@ -77,6 +94,7 @@ class Session:
     fault_inject_kill: bool
     seed: int
     optimize: bool = True
+    storage_options: dict = field(default_factory=dict)
     _executor: object = field(default=None, repr=False)
     _ray_started: bool = field(default=False, repr=False)
     last_stats: dict = field(default_factory=dict, repr=False)
@@ -88,8 +106,15 @@ class Session:
             raise ValueError(f"fault_inject_prob must be in [0, 1), got {self.fault_inject_prob}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        self.storage_options = io.check_storage_options(self.storage_options)
+        self._use_storage()
         io.makedirs(self.tasks_dir)
         io.makedirs(self.sources_dir)
+
+    def _use_storage(self) -> None:
+        # The options live per process (in `io`); set them again before each use, in case another session in this
+        # process pointed the same protocol elsewhere.
+        io.configure(self.storage_options)
 
     # -- layout --------------------------------------------------------------------------------------------
     @property
@@ -112,6 +137,7 @@ class Session:
 
         >>> df = sp.read_parquet("data/*.parquet")  # doctest: +SKIP
         """
+        self._use_storage()
         files = io.expand_paths(paths, recursive=recursive, suffixes=(".parquet",))
         options = {"union_by_name": union_by_name} if union_by_name else {}
         if columns:
@@ -127,6 +153,7 @@ class Session:
         recursive: bool = False,
     ) -> DataFrame:
         """CSV files; `schema` maps column names to DuckDB types (else types are sniffed)."""
+        self._use_storage()
         files = io.expand_paths(paths, recursive=recursive)
         options: dict = {"delim": delim, "header": header}
         if schema:
@@ -135,6 +162,7 @@ class Session:
 
     def read_json(self, paths, schema: dict[str, str] | None = None, recursive: bool = False) -> DataFrame:
         """Newline-delimited (or array) JSON files; `schema` maps column names to DuckDB types."""
+        self._use_storage()
         files = io.expand_paths(paths, recursive=recursive)
         options = {"columns": dict(schema)} if schema else {}
         return DataFrame(self, SourceNode("read_json", files, "json", options))
@@ -147,6 +175,7 @@ class Session:
         with pa.ipc.new_stream(sink, table.schema) as w:
             w.write_table(table)
         digest = hashlib.sha1(sink.getvalue().to_pybytes()).hexdigest()[:20]
+        self._use_storage()
         path = io.join(self.sources_dir, f"{digest}.parquet")
         if not io.exists(path):
             tmp = io.temp_name(path)
@@ -198,6 +227,7 @@ class Session:
             max_retries=self.max_retries,
             fault_inject_prob=self.fault_inject_prob,
             fault_inject_kill=self.fault_inject_kill,
+            storage_options=self.storage_options or None,
         )
 
     def _get_executor(self):
@@ -214,6 +244,7 @@ class Session:
         return self._executor
 
     def _compute(self, node) -> Partitions:
+        self._use_storage()
         plan = optimize(node, fuse=self.optimize, prune=self.optimize)
         driver = Driver(self._get_executor(), self.tasks_dir, self.max_retries)
         try:
@@ -251,6 +282,7 @@ def init(
     fault_inject_kill: bool = False,
     seed: int | None = None,
     optimize: bool = True,
+    storage_options: dict | None = None,
 ) -> Session:
     """Start a session; see the module docstring for each setting's environment variable and default.
 
@@ -267,6 +299,7 @@ def init(
         raise ValueError(f"job_id must be a non-empty name without '/', got {job_id!r}")
     data_root = _setting(data_root, "SP_DATA_ROOT", os.path.expanduser("~/.seekstack/dataframe"), str)
     num_executors = _setting(num_executors, "SP_NUM_EXECUTORS", lambda: os.cpu_count() or 1, int)
+    storage_options = _setting(storage_options, "SP_STORAGE_OPTIONS", _default_storage_options, json.loads)
     session = Session(
         job_id=job_id,
         data_root=data_root,
@@ -279,6 +312,7 @@ def init(
         fault_inject_kill=fault_inject_kill,
         seed=_setting(seed, "SP_SEED", 0, int),
         optimize=optimize,
+        storage_options=storage_options,
     )
     atexit.register(session.shutdown)
     return session

@@ -63,8 +63,7 @@ def shuffle_by_column(
 
     try:
         for path in files:
-            p, kw = io._pq_args(path)
-            with pq.ParquetFile(p, **kw) as pf:
+            with io.open_input(path) as f, pq.ParquetFile(f) as pf:
                 for batch in pf.iter_batches(BATCH_ROWS, columns=read_cols, use_threads=False):
                     ids = _partition_ids(batch.column(key), key, npartitions)
                     order = np.argsort(ids, kind="stable")

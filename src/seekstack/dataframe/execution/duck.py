@@ -40,9 +40,52 @@ def connect(threads: int = 1, memory_limit: str | None = None, paths: list[str] 
         config["memory_limit"] = memory_limit
     con = duckdb.connect(":memory:", config=config)
     con.execute("SET enable_progress_bar = false")
+    registered, files = [], []
     for proto in sorted({io.protocol_of(p) for p in paths} - {"file"}):
-        con.register_filesystem(io.filesystem(f"{proto}://"))
+        fs = io.filesystem(f"{proto}://")
+        if not any(fs is r for r in registered):  # 3fs:// and hf3fs:// are one filesystem, registered once
+            con.register_filesystem(_tracking(fs, files))
+            registered.append(fs)
+    _open_files[id(con)] = files
     return con
+
+
+# DuckDB's fsspec bridge never closes the files it opens for reading; they would be closed by the garbage
+# collector, at any time and on any thread, or at interpreter exit (where seekstack.fs' file finalizer hangs). So each
+# connection gets a view of the filesystem that records what it opens, and `close` closes those files.
+_open_files: dict[int, list] = {}
+
+
+def _tracking(fs, files: list):
+    """A shallow view of `fs` (same client, same connection) whose opened files are appended to `files`."""
+    view = object.__new__(type(fs))
+    view.__dict__.update(fs.__dict__)
+    if hasattr(view, "_owns_client"):
+        view._owns_client = False  # the view must never close the shared client
+    inner = fs._open
+
+    def _open(path, mode="rb", *args, **kwargs):
+        f = inner(path, mode, *args, **kwargs)
+        files.append(f)
+        return f
+
+    view._open = _open
+    return view
+
+
+def close(con) -> None:
+    """Close `con` and every file DuckDB opened through it (see `_tracking`)."""
+    try:
+        con.close()
+    finally:
+        errors = []
+        for f in _open_files.pop(id(con), []):
+            try:
+                f.close()
+            except Exception as e:  # noqa: BLE001 - close the rest, then report the first failure
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 def usable_files(files: list[str]) -> list[str]:

@@ -39,6 +39,7 @@ class RunSettings:
     fault_inject_prob: float = 0.0
     fault_inject_kill: bool = False
     in_worker: bool = True
+    storage_options: dict | None = None  # {protocol: fsspec options}: how a worker reaches e.g. a 3fs:// cluster
 
 
 def manifest_path(task: Task) -> str:
@@ -59,6 +60,7 @@ def load_checkpoint(task: Task) -> list[list[str]] | None:
 def execute(blob: bytes, attempt: int, settings: RunSettings) -> tuple:
     """Worker entry point. Returns ``("ok", outputs)`` or ``("err", type, message, retryable, traceback)``;
     exceptions are flattened to text because not every library exception pickles."""
+    io.configure(settings.storage_options)
     task = serialize.loads(blob)
     try:
         done = load_checkpoint(task)

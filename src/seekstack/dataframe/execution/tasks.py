@@ -53,6 +53,11 @@ class SqlTask(Task):
 
     query: str = ""
     union_by_name: bool = False
+    source_files: list[str] = field(default_factory=list)  # files a reader query names itself (CSV, JSON)
+
+    def connect(self, ctx: TaskContext):
+        paths = [f for files in self.inputs for f in files] + [self.out_dir, *self.source_files]
+        return duck.connect(ctx.threads, ctx.memory_limit, paths)
 
     def run(self, ctx: TaskContext) -> list[list[str]]:
         con = self.connect(ctx)
@@ -64,7 +69,7 @@ class SqlTask(Task):
             duck.copy_to_parquet(con, duck.substitute(self.query, names), tmp)
             io.rename(tmp, final)
         finally:
-            con.close()
+            duck.close(con)
         return [[final]]
 
 
@@ -125,7 +130,7 @@ class PartitionTask(Task):
                 "OVERWRITE_OR_IGNORE true)"
             )
         finally:
-            con.close()
+            duck.close(con)
         return self._commit_buckets(staging, schema)
 
     def _commit_buckets(self, staging: str, schema: pa.Schema) -> list[list[str]]:
@@ -210,7 +215,7 @@ class PythonTask(Task):
         finally:
             if writer is not None:
                 writer.close()
-            con.close()
+            duck.close(con)
         io.rename(tmp, final)
         return [[final]]
 

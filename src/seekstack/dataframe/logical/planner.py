@@ -69,12 +69,12 @@ def _plan_source(node: SourceNode, tasks_dir: str) -> tuple[list[Task], Assemble
             select = "*" if not cols else ", ".join(duck.quote(c) for c in cols)
             ubn = ", union_by_name=true" if node.options.get("union_by_name") else ""
             query = f"SELECT {select} FROM read_parquet({duck.sql_list(node.files)}{ubn})"
-            return [SqlTask(**_common(node, 0, [], tasks_dir), query=query)], _flatten
+            return [SqlTask(**_common(node, 0, [], tasks_dir), query=query, source_files=list(node.files))], _flatten
         return [], lambda _: [list(node.files)]
     reader = {"csv": "read_csv", "json": "read_json"}[node.fmt]
     opts = "".join(f", {k}={_sql_value(v)}" for k, v in node.options.items())
     query = f"SELECT * FROM {reader}({duck.sql_list(node.files)}{opts})"
-    return [SqlTask(**_common(node, 0, [], tasks_dir), query=query)], _flatten
+    return [SqlTask(**_common(node, 0, [], tasks_dir), query=query, source_files=list(node.files))], _flatten
 
 
 def _sql_value(v) -> str:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from seekstack.dataframe import io
 from seekstack.dataframe.sort.gensort import KEY_BYTES, checksum, records_of
 
 
@@ -59,6 +59,6 @@ def validate_partitions(partitions: list[list[str]]) -> SortSummary:
     def chunks():
         for files in partitions:
             for f in files:
-                yield records_of(pq.read_table(f, columns=["record"])["record"])
+                yield records_of(io.read_parquet_table([f], columns=["record"])["record"])
 
     return validate_records(chunks())
