@@ -115,3 +115,31 @@ def test_polars_reads_and_writes(fsx, frame, uniq):
         back = pl.read_csv(f)
     assert back["id"].equals(df["id"]) and back["tag"].equals(df["tag"])
     np.testing.assert_allclose(back["x"].to_numpy(), df["x"].to_numpy(), rtol=1e-15)
+
+
+@pytest.mark.parametrize("stop_cluster_first", [False, True])
+def test_unclosed_file_does_not_hang_interpreter_exit(tmp_path, stop_cluster_first):
+    # DuckDB's fsspec bridge and pyarrow leave files to the garbage collector; at interpreter shutdown no thread can
+    # be started, so the finalizer must not try to close on one.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import fsspec
+        from seekstack.fs.cluster import Cluster
+        import seekstack.fs.fsspec_fs  # registers 3fs://
+        cluster = Cluster({str(tmp_path / "c")!r}, storage_nodes=1, replicas=1)
+        cluster.start()
+        fs = fsspec.filesystem("3fs", data=str(cluster.dir))
+        with fs.open("/a", "wb") as f:
+            f.write(b"abc")
+        leaked = fs.open("/a", "rb")
+        assert leaked.read(1) == b"a"
+        if {stop_cluster_first!r}:
+            cluster.stop()
+        print("done", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done" in proc.stdout

@@ -113,6 +113,9 @@ class FsClient:
             # Waiting here would wait on ourselves (a File garbage-collected on the loop thread calls close()).
             coro.close()
             raise RuntimeError("blocking client call from the client's own event-loop thread")
+        if not self._thread.is_alive():  # e.g. at interpreter shutdown: nothing would ever run the coroutine
+            coro.close()
+            raise ValueError("client is closed (its event loop is not running)")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _meta_nowait(self, method: str, **args) -> None:

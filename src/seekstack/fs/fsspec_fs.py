@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import stat as _stat
+import sys
 import threading
 
 import fsspec
@@ -241,12 +242,18 @@ class SeekstackFile(AbstractBufferedFile):
             pass  # the cluster or the client is gone; nothing left to settle
 
     def __del__(self):
-        # Libraries (pyarrow, pandas) leave files to the garbage collector, and the cyclic collector may run on any
-        # thread, including the client's event-loop thread, where close()'s blocking meta call would wait on
-        # itself. So the close runs on its own thread, and the client file stays referenced from _OPEN_RAW until
-        # then, so that the collector never finalizes it (its own close would block the same way).
-        if not getattr(self, "closed", True):
+        # Libraries (pyarrow, pandas, DuckDB's fsspec bridge) leave files to the garbage collector, which may run on
+        # any thread, including the client's event-loop thread, where close()'s blocking calls would wait on
+        # themselves: there the close runs on its own thread (the client file stays referenced from _OPEN_RAW until
+        # then, so the collector never finalizes it). Elsewhere, and at interpreter shutdown, when no thread can be
+        # started (Thread.start() would wait forever), it closes in place.
+        if getattr(self, "closed", True):
+            return
+        client_thread = getattr(getattr(self.raw, "_client", None), "_thread", None)
+        if threading.current_thread() is client_thread and not sys.is_finalizing():
             threading.Thread(target=self._close_quietly, name="seekstack-fsspec-close", daemon=True).start()
+        else:
+            self._close_quietly()
 
 
 def register() -> None:
