@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import io
-import os
 import threading
 
 from seekstack.fs.meta.layout import Layout, chunk_spans
+from seekstack.fs.positional import PositionalFile
 
 MAX_INFLIGHT = 32
 
 
-class File(io.RawIOBase):
+class File(PositionalFile):
     """Returned by `FsClient.open`. Binary only; usable as a context manager.
 
     >>> # with client.open("/data/x.bin", "wb") as f: f.write(b"hello")
@@ -110,41 +109,6 @@ class File(io.RawIOBase):
                 await self._client._io.write(self.layout, self.ino, idx, off, mv[boff : boff + n])
 
         await asyncio.gather(*(one(*s) for s in chunk_spans(offset, len(mv), self.layout.chunk_size)))
-
-    def read(self, size: int = -1) -> bytes:
-        self._check(False)
-        if size is None or size < 0:
-            size = max(0, self.size - self.pos)
-        data = self.pread(size, self.pos)
-        self.pos += len(data)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, b) -> int:
-        n = self.preadinto(b, self.pos)
-        self.pos += n
-        return n
-
-    def write(self, data) -> int:
-        if self._append:
-            self.pos = self.size
-        n = self.pwrite(data, self.pos)
-        self.pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}.get(whence)
-        if base is None:
-            raise ValueError(f"whence must be 0, 1 or 2, got {whence}")
-        if base + offset < 0:
-            raise OSError(errno.EINVAL, "negative seek position", self.name)
-        self.pos = base + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
 
     def truncate(self, size: int | None = None) -> int:
         self._check(True)

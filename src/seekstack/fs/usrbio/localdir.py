@@ -15,11 +15,11 @@ b'ell'
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 import posixpath
 import stat as _stat
+
+from seekstack.fs.positional import PositionalFile
 
 _TYPES = {_stat.S_IFREG: "file", _stat.S_IFDIR: "dir", _stat.S_IFLNK: "symlink"}
 
@@ -35,7 +35,7 @@ def _parse_mode(mode: str) -> tuple[int, bool, bool, bool]:
     return flags, read, write, kind == "a"
 
 
-class LocalFile(io.RawIOBase):
+class LocalFile(PositionalFile):
     """An open file of a `LocalDirClient`; same methods as `seekstack.fs.File` plus a zero-copy `preadinto`."""
 
     def __init__(self, path: str, real: str, mode: str, perm: int):
@@ -85,40 +85,6 @@ class LocalFile(io.RawIOBase):
         while done < len(mv):
             done += os.pwrite(self.fd, mv[done:], offset + done)
         return done
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            size = max(0, self.size - self.pos)
-        data = self.pread(size, self.pos)
-        self.pos += len(data)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, b) -> int:
-        n = self.preadinto(b, self.pos)
-        self.pos += n
-        return n
-
-    def write(self, data) -> int:
-        if self._append:
-            self.pos = self.size
-        n = self.pwrite(data, self.pos)
-        self.pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}.get(whence)
-        if base is None:
-            raise ValueError(f"whence must be 0, 1 or 2, got {whence}")
-        if base + offset < 0:
-            raise OSError(errno.EINVAL, "negative seek position", self.name)
-        self.pos = base + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
 
     def truncate(self, size: int | None = None) -> int:
         size = self.pos if size is None else size
