@@ -21,30 +21,16 @@ from seekstack.dataframe.sort.pipeline import generate_input, sort_records, vali
 
 from .conftest import random_frame
 
-Cluster = pytest.importorskip("seekstack.fs.cluster").Cluster
+local_cluster = pytest.importorskip("seekstack.fs.testing").local_cluster
 CHUNK = 64 << 10  # small chunks, so even the test's files span several chunks
-
-
-def _leaked(marker: str) -> list[str]:
-    out = []
-    for p in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (p / "cmdline").read_bytes().decode(errors="replace"):
-                out.append(p.name)
-        except OSError:
-            pass
-    return out
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("df3fs") / "cluster", storage_nodes=2, replicas=2, chunk_size=CHUNK)
-    c.start()
-    try:
+    with local_cluster(
+        tmp_path_factory.mktemp("df3fs") / "cluster", storage_nodes=2, replicas=2, chunk_size=CHUNK
+    ) as c:
         yield c
-    finally:
-        c.stop()
-        assert not _leaked(str(c.dir)), "cluster processes left running"
 
 
 @pytest.fixture(scope="module")

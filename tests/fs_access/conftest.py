@@ -4,36 +4,21 @@ tests, its client, and a `LocalDirClient` over a temp directory as a second back
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from seekstack.fs.cluster import Cluster
+from seekstack.fs.testing import local_cluster
 from seekstack.fs.usrbio import LocalDirClient
 
 CHUNK = 64 << 10  # small chunks so even small files span several chains
 
 
-def _leaked(marker: str) -> list[str]:
-    out = []
-    for p in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (p / "cmdline").read_bytes().decode(errors="replace"):
-                out.append(p.name)
-        except OSError:
-            pass
-    return out
-
-
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("fsaccess") / "cluster", storage_nodes=3, replicas=2, chunk_size=CHUNK)
-    c.start()
-    try:
+    with local_cluster(
+        tmp_path_factory.mktemp("fsaccess") / "cluster", storage_nodes=3, replicas=2, chunk_size=CHUNK
+    ) as c:
         yield c
-    finally:
-        c.stop()
-        assert not _leaked(str(c.dir)), "cluster processes left running"
 
 
 @pytest.fixture(scope="session")
