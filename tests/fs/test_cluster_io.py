@@ -14,28 +14,24 @@ import zlib
 
 import pytest
 
-from seekstack.fs.cluster import Cluster
 from seekstack.fs.meta.layout import chunk_id
 from seekstack.fs.protocol import RpcError, call_sync
+from seekstack.fs.testing import local_cluster
 
 CHUNK = 64 << 10
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(
+    with local_cluster(
         tmp_path_factory.mktemp("fs") / "cluster",
         storage_nodes=3,
         replicas=3,
         targets_per_node=4,
         metas=2,
         chunk_size=CHUNK,
-    )
-    c.start()
-    try:
+    ) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,19 @@ import random
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from seekstack.fs.cluster import Cluster
 from seekstack.fs.meta.layout import chunk_id
 from seekstack.fs.protocol import call_sync
+from seekstack.fs.testing import local_cluster
 
 CHUNK = 32 << 10
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(
+    with local_cluster(
         tmp_path_factory.mktemp("fsrel") / "cluster",
         storage_nodes=3,
         replicas=3,
@@ -32,21 +31,8 @@ def cluster(tmp_path_factory):
         chunk_size=CHUNK,
         lease=1.0,
         client_timeout=2.0,
-    )
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
-        leaked = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).count(str(c.dir))]
-        assert not leaked, f"processes left running: {leaked}"
-
-
-def _cmdline(p: Path) -> str:
-    try:
-        return (p / "cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
+    ) as c:
+        yield c  # on exit local_cluster stops it and fails if any of its processes survived
 
 
 def sha(b: bytes) -> str:
