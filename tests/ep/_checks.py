@@ -193,6 +193,25 @@ def check_cached_dispatch(c: Ctx) -> None:
     assert torch.equal(fresh, cached)
 
 
+def check_held_outputs_survive_later_calls(c: Ctx) -> None:
+    # The Buffer reuses output memory across calls only when nothing else references it: outputs a caller still
+    # holds must keep their values when later dispatches and combines run.
+    E = num_experts_for(c)
+    T, H = num_tokens_for(c), 128
+    x, idx, w = make_inputs(c, T, H, E, 4)
+    lay = layout_of(c, idx, E)
+    recv_x, _, _, _, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+    combined, _, _ = c.buf.combine(recv_x, handle)
+    snap_recv, snap_comb = recv_x.clone(), combined.clone()
+    for _ in range(2):
+        other = torch.randn(T, H, generator=c.gen).to(torch.bfloat16)
+        again, *_ = c.buf.dispatch(other, handle=handle)
+        c.buf.combine(again, handle)
+        del again
+    assert torch.equal(recv_x, snap_recv), "a held recv_x was overwritten by a later dispatch"
+    assert torch.equal(combined, snap_comb), "a held combine output was overwritten by a later combine"
+
+
 def check_async_and_events(c: Ctx) -> None:
     E = num_experts_for(c)
     T, H = num_tokens_for(c), 128

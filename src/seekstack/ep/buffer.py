@@ -25,6 +25,14 @@ topk_idx_t = torch.int64
 _DEFAULT_TIMEOUT_S = 300.0
 
 
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private: where it is missing, outputs are never reused
+
+
+def _storage_uses(t: torch.Tensor) -> int:
+    """How many owners the storage of `t` has (tensors, storages), as counted by torch; -1 where torch can't say."""
+    return -1 if _USE_COUNT is None else _USE_COUNT(t.untyped_storage()._cdata)
+
+
 class Buffer:
     """Expert-parallel dispatch/combine over a process group (DeepEP v1 `Buffer`).
 
@@ -74,6 +82,10 @@ class Buffer:
         self._ll_combine_buffers: dict[tuple[int, int, int], torch.Tensor] = {}
         self._ll_recv_buffers: dict[tuple, torch.Tensor] = {}
         self._ll_phase = 0
+        # Staging memory of the normal-mode exchanges, kept across calls like DeepEP's registered buffers: fresh
+        # multi-megabyte allocations cost page faults on CPU that are a large share of a loopback exchange.
+        self._scratch: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, tuple[torch.Tensor, int]] = {}
         self._destroyed = False
 
     # ---- static helpers -------------------------------------------------------------------------------------
@@ -223,6 +235,39 @@ class Buffer:
         self._check_low_latency()
         for buf in (*self._ll_combine_buffers.values(), *self._ll_recv_buffers.values()):
             buf.zero_()
+
+    def take_scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Staging tensor `name`, reused across calls; the caller returns it with `give_scratch` when done.
+
+        Taking removes it from the pool, so two calls in flight at once (async_finish) never share one.
+        """
+        nbytes = torch.empty((), dtype=dtype).element_size()
+        for s in shape:
+            nbytes *= s
+        buf = self._scratch.pop(name, None)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def take_output(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An output tensor for the caller, in memory recycled from an earlier call once nothing else holds it.
+
+        Receiving into freshly mapped pages costs a page fault per 4 KiB inside the transfer; a previous output
+        whose storage no tensor (view, numpy array, ...) references any more is reused instead. Contents are stale.
+        """
+        nbytes = torch.empty((), dtype=dtype).element_size()
+        for s in shape:
+            nbytes *= s
+        base, idle = self._outputs.get(name, (None, 0))
+        if base is None or base.numel() < nbytes or idle < 0 or _storage_uses(base) != idle:
+            base = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            self._outputs[name] = (base, _storage_uses(base))
+        return base[:nbytes].view(dtype).view(shape)
+
+    def give_scratch(self, name: str, t: torch.Tensor) -> None:
+        """Return a tensor from `take_scratch` to the pool (its whole storage)."""
+        storage = t.untyped_storage()
+        self._scratch[name] = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
 
     def low_latency_recv_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The receive buffer `name` of the current phase; two phases alternate, as in DeepEP."""

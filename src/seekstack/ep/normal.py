@@ -13,8 +13,17 @@ from typing import NamedTuple
 
 import torch
 
-from .events import EPCommError, EventOverlap
-from .transport import byte_width, gather_headers, pack_rows, start_all_to_all, unpack_field
+from .events import EPCommError, EventOverlap, wait_work
+from .transport import (
+    byte_width,
+    pack_rows,
+    split_offsets,
+    start_all_to_all,
+    start_recv,
+    start_send,
+    unpack_field,
+    wire,
+)
 
 _MAGIC = 0x45505F31  # "EP_1": a peer that sends anything else is not in the same call
 _OP_DISPATCH = 1
@@ -116,13 +125,16 @@ def dispatch(
     # Rows to send, grouped by destination rank and in token order within a rank.
     dest_tok = is_token_in_rank.t().nonzero()
     send_order = dest_tok[:, 1].contiguous()
-    fields = [data] + ([scales] if scales is not None else [])
+    # The small per-token fields (fp8 scales included) travel together in one packed row; the hidden states travel
+    # on their own, straight into the output tensor.
+    payload = [data]
+    meta = [] if scales is None else [scales]
     if topk_idx is not None:
-        fields.append(topk_idx.long())
+        meta.append(topk_idx.long())
     if topk_weights is not None:
-        fields.append(topk_weights)
-    fields.append(torch.arange(num_tokens, dtype=torch.int32, device=data.device))
-    row_bytes = sum(byte_width(tuple(f.shape[1:]), f.dtype) for f in fields)
+        meta.append(topk_weights)
+    meta.append(torch.arange(num_tokens, dtype=torch.int32, device=data.device))
+    row_bytes = sum(byte_width(tuple(f.shape[1:]), f.dtype) for f in payload + meta)
 
     header = torch.cat(
         [
@@ -131,7 +143,17 @@ def dispatch(
             num_tokens_per_expert.to(torch.int64).cpu(),
         ]
     )
-    headers = gather_headers(comm.group, header, R, comm.timeout, "dispatch: count exchange")
+    # The count exchange is a round trip on the critical path: the send side's packing, which needs no counts from
+    # the peers, runs while it is in flight.
+    header_send = header.repeat(R)
+    header_recv = torch.empty_like(header_send)
+    hstep = "dispatch: count exchange"
+    hwork = start_all_to_all(comm.group, header_recv, header_send, None, None, hstep)
+    send_splits = send_counts.tolist()
+    meta_send = pack_rows(meta, send_order)
+    stages, staged = _pack_remote(comm, [(data, send_order)], send_splits, "dispatch")
+    wait_work(hwork, comm.timeout, hstep)
+    headers = header_recv.view(R, -1)
     _check_headers(headers, header, rank)
     counts = headers[:, _HEADER : _HEADER + R]  # counts[i][j]: tokens rank i sends to rank j
     recv_splits = counts[:, rank].tolist()
@@ -144,49 +166,51 @@ def dispatch(
     per_expert_list = tuple(_pad(int(c), expert_alignment) for c in per_expert.sum(0).tolist())
     rank_prefix_matrix = counts.cumsum(0).to(torch.int32)
 
-    send = pack_rows(fields, send_order)
-    recv = torch.empty(num_recv, row_bytes, dtype=torch.uint8, device=data.device)
-    work = start_all_to_all(comm.group, recv, send, recv_splits, send_counts.tolist(), "dispatch: token exchange")
-
     out_rows = num_worst_tokens or num_recv
-    recv_x, recv_scales = _alloc_recv(data, scales, out_rows, num_recv)
+    recv_x, recv_scales = _alloc_recv(comm, data, scales, out_rows, num_recv)
+    meta_recv = torch.empty(num_recv, meta_send.shape[1], dtype=torch.uint8, device=data.device)
+    fields = [(data, send_order, recv_x[:num_recv]), (meta_send, None, meta_recv)]
+    step = "dispatch: token exchange"
+    works, _ = _post_exchange(comm, fields, send_splits, recv_splits, step, "dispatch", stages)
     num_topk = 0 if topk_idx is None else topk_idx.shape[1]
     recv_topk_idx = None if topk_idx is None else torch.full((out_rows, num_topk), -1, dtype=torch.int64)
     recv_topk_weights = None if topk_weights is None else torch.zeros(out_rows, num_topk, dtype=torch.float32)
     recv_src_idx = torch.empty(num_recv, dtype=torch.int32, device=data.device)
 
     def finish() -> None:
+        for w in works:
+            wait_work(w, comm.timeout, step)
+        _give_back(comm, staged)
         col = 0
-        for out in (recv_x, recv_scales):
-            if out is not None:
-                unpack_field(recv, col, tuple(out.shape[1:]), out.dtype, out[:num_recv])
-                col += byte_width(tuple(out.shape[1:]), out.dtype)
+        if recv_scales is not None:
+            unpack_field(meta_recv, 0, tuple(recv_scales.shape[1:]), recv_scales.dtype, recv_scales[:num_recv])
+            col += byte_width(tuple(recv_scales.shape[1:]), recv_scales.dtype)
         if recv_topk_idx is not None:
-            glob = unpack_field(recv, col, (num_topk,), torch.int64)
+            glob = unpack_field(meta_recv, col, (num_topk,), torch.int64)
             col += 8 * num_topk
             local = glob - rank * experts_per_rank
             mine = (glob >= 0) & (local >= 0) & (local < experts_per_rank)
             recv_topk_idx[:num_recv] = torch.where(mine, local, -1)
             if recv_topk_weights is not None:
-                w = unpack_field(recv, col, (num_topk,), torch.float32)
+                w = unpack_field(meta_recv, col, (num_topk,), torch.float32)
                 col += 4 * num_topk
                 # Weights of experts on other ranks are zeroed, so combining them sums back to the originals.
                 recv_topk_weights[:num_recv] = torch.where(mine, w, 0.0)
-        unpack_field(recv, col, (), torch.int32, recv_src_idx)
+        unpack_field(meta_recv, col, (), torch.int32, recv_src_idx)
 
     handle = DispatchHandle(
         rank_prefix_matrix,
         send_order,
         recv_src_idx,
         is_token_in_rank,
-        tuple(send_counts.tolist()),
+        tuple(send_splits),
         tuple(recv_splits),
         num_tokens,
         num_recv,
         num_worst_tokens,
         per_expert_list,
     )
-    event = EventOverlap([work], finish, (send, recv), comm.timeout, "dispatch: token exchange")
+    event = EventOverlap([], finish, (data, scales, meta_send, meta_recv), comm.timeout, step)
     if not async_finish:
         event.current_stream_wait()
     out_x = recv_x if recv_scales is None else (recv_x, recv_scales)
@@ -194,15 +218,88 @@ def dispatch(
     return out_x, recv_topk_idx, recv_topk_weights, expert_list, handle, event
 
 
-def _alloc_recv(data, scales, out_rows: int, num_recv: int):
+def _alloc_recv(comm, data, scales, out_rows: int, num_recv: int):
     """Outputs for received rows; only the `num_worst_tokens` padding is zeroed (the rest is overwritten)."""
-    recv_x = torch.empty(out_rows, data.shape[1], dtype=data.dtype, device=data.device)
+    recv_x = comm.take_output("recv_x", (out_rows, data.shape[1]), data.dtype)
     recv_x[num_recv:].zero_()
     recv_scales = None
     if scales is not None:
-        recv_scales = torch.empty(out_rows, scales.shape[1], dtype=scales.dtype, device=data.device)
+        recv_scales = comm.take_output("recv_scales", (out_rows, scales.shape[1]), scales.dtype)
         recv_scales[num_recv:].zero_()
     return recv_x, recv_scales
+
+
+def _pack_remote(comm, fields, send_splits, scratch: str):
+    """Gather the rows every peer but this rank gets, `(source, order)` per field, into reused staging memory.
+
+    Returns `({field index: stage}, [(scratch name, stage)])` for `_post_exchange` and `_give_back`.
+    """
+    rank = comm.rank
+    send_off = split_offsets(send_splits)
+    stages, staged = {}, []
+    if not sum(send_splits) - send_splits[rank]:
+        return stages, staged
+    for tag, (src, order) in enumerate(fields):
+        src_w = wire(src.contiguous())
+        stage = comm.take_scratch(f"{scratch}{tag}", (send_off[-1], *src_w.shape[1:]), src_w.dtype)
+        for j in range(comm.group_size):
+            if j != rank and send_splits[j]:
+                torch.index_select(
+                    src_w, 0, order[send_off[j] : send_off[j + 1]], out=stage[send_off[j] : send_off[j + 1]]
+                )
+        stages[tag] = stage
+        staged.append((f"{scratch}{tag}", stage))
+    return stages, staged
+
+
+def _post_exchange(comm, fields, send_splits, recv_splits, step: str, scratch: str, stages=None):
+    """Post the point-to-point sends and receives of one dispatch-like exchange; returns `(works, staged)`.
+
+    `fields` holds `(source, order, out)` triples: the rows `source[order]` (or `source` itself, already in send
+    order, when `order` is None) go out grouped by destination rank; `out` receives rows in source-rank order.
+    Receives land straight in `out` (no unpacking copy), the rows a rank sends itself are copied from the source
+    into `out` without touching the wire, and each peer's rows are gathered into reused staging memory and sent
+    at once, so the gather for the next peer overlaps the previous peer's transfer. `stages` (from `_pack_remote`)
+    holds fields whose rows were gathered already.
+    """
+    R, rank = comm.group_size, comm.rank
+    send_off, recv_off = split_offsets(send_splits), split_offsets(recv_splits)
+    peers = [(rank + d) % R for d in range(1, R)]  # staggered, so the ranks do not all start on the same peer
+    works, staged = [], []
+    for tag, (_, _, out) in enumerate(fields):
+        out_w = wire(out)
+        for j in peers:
+            if recv_splits[j]:
+                works.append(start_recv(comm.group, out_w[recv_off[j] : recv_off[j + 1]], j, tag, step))
+    for tag, (src, order, out) in enumerate(fields):
+        src_w, out_w = wire(src.contiguous()), wire(out)
+        stage = (stages or {}).get(tag)
+        if stage is None and order is not None and sum(send_splits) - send_splits[rank]:
+            stage = comm.take_scratch(f"{scratch}{tag}", (send_off[-1], *src_w.shape[1:]), src_w.dtype)
+            staged.append((f"{scratch}{tag}", stage))
+        for j in peers:
+            if not send_splits[j]:
+                continue
+            a, b = send_off[j], send_off[j + 1]
+            if order is None:
+                rows = src_w[a:b]
+            elif stages and tag in stages:
+                rows = stage[a:b]
+            else:
+                rows = torch.index_select(src_w, 0, order[a:b], out=stage[a:b])
+            works.append(start_send(comm.group, rows, j, tag, step))
+        a, b = send_off[rank], send_off[rank + 1]
+        dst = out_w[recv_off[rank] : recv_off[rank + 1]]
+        if order is None:
+            dst.copy_(src_w[a:b])
+        else:
+            torch.index_select(src_w, 0, order[a:b], out=dst)
+    return works, staged
+
+
+def _give_back(comm, staged) -> None:
+    for name, t in staged:
+        comm.give_scratch(name, t)
 
 
 def _check_headers(headers: torch.Tensor, mine: torch.Tensor, rank: int) -> None:
@@ -223,23 +320,20 @@ def _cached_dispatch(comm, data, scales, handle: DispatchHandle, async_finish: b
         raise ValueError("handle must come from a previous dispatch")
     if data.shape[0] != handle.num_tokens:
         raise ValueError(f"x has {data.shape[0]} tokens, the handle was made for {handle.num_tokens}")
-    fields = [data] + ([scales] if scales is not None else [])
-    row_bytes = sum(byte_width(tuple(f.shape[1:]), f.dtype) for f in fields)
-    send = pack_rows(fields, handle.send_order)
     num_recv = handle.num_recv_tokens
-    recv = torch.empty(num_recv, row_bytes, dtype=torch.uint8, device=data.device)
-    work = start_all_to_all(
-        comm.group, recv, send, list(handle.recv_splits), list(handle.send_splits), "cached dispatch: token exchange"
-    )
-    recv_x, recv_scales = _alloc_recv(data, scales, handle.num_worst_tokens or num_recv, num_recv)
+    recv_x, recv_scales = _alloc_recv(comm, data, scales, handle.num_worst_tokens or num_recv, num_recv)
+    payload = [data] + ([scales] if scales is not None else [])
+    outs = [recv_x[:num_recv]] + ([recv_scales[:num_recv]] if recv_scales is not None else [])
+    fields = [(f, handle.send_order, o) for f, o in zip(payload, outs, strict=True)]
+    step = "cached dispatch: token exchange"
+    works, staged = _post_exchange(comm, fields, list(handle.send_splits), list(handle.recv_splits), step, "dispatch")
 
     def finish() -> None:
-        unpack_field(recv, 0, (data.shape[1],), data.dtype, recv_x[:num_recv])
-        if recv_scales is not None:
-            col = byte_width((data.shape[1],), data.dtype)
-            unpack_field(recv, col, (scales.shape[1],), scales.dtype, recv_scales[:num_recv])
+        for w in works:
+            wait_work(w, comm.timeout, step)
+        _give_back(comm, staged)
 
-    event = EventOverlap([work], finish, (send, recv), comm.timeout, "cached dispatch: token exchange")
+    event = EventOverlap([], finish, (data, scales), comm.timeout, step)
     if not async_finish:
         event.current_stream_wait()
     out_x = recv_x if recv_scales is None else (recv_x, recv_scales)
@@ -270,37 +364,64 @@ def combine(comm, x: torch.Tensor, handle: DispatchHandle, topk_weights, bias, a
     for b in biases:
         if tuple(b.shape) != (handle.num_tokens, hidden):
             raise ValueError(f"bias must be [{handle.num_tokens}, {hidden}], got {list(b.shape)}")
-    row_bytes = sum(byte_width(tuple(f.shape[1:]), f.dtype) for f in fields)
-    send = pack_rows(fields)
-    n_back = sum(handle.send_splits)
-    recv = torch.empty(n_back, row_bytes, dtype=torch.uint8, device=x.device)
-    work = start_all_to_all(
-        comm.group, recv, send, list(handle.send_splits), list(handle.recv_splits), "combine: token exchange"
-    )
-    combined = torch.empty(handle.num_tokens, hidden, dtype=x.dtype, device=x.device)
+    R, rank = comm.group_size, comm.rank
+    step = "combine: token exchange"
+    # Rows come back along the reversed dispatch splits. Rows received by dispatch are grouped by source rank, so
+    # each peer's rows are one contiguous slice of x: they are sent as they are, with no packing.
+    fields = [f.contiguous() for f in fields]
+    back_splits, x_splits = list(handle.send_splits), list(handle.recv_splits)
+    back_off, x_off = split_offsets(back_splits), split_offsets(x_splits)
+    peers = [(rank + d) % R for d in range(1, R)]
+    recvs: dict[int, list] = {}
+    staged = []
+    for tag, f in enumerate(fields):
+        name = f"combine{tag}"
+        stage = comm.take_scratch(name, (back_off[-1], *f.shape[1:]), f.dtype)
+        staged.append((name, stage))
+        for j in peers:
+            if back_splits[j]:
+                blk = stage[back_off[j] : back_off[j + 1]]
+                recvs.setdefault(j, []).append(start_recv(comm.group, blk, j, tag, step))
+    sends = []
+    for tag, f in enumerate(fields):
+        for j in peers:
+            if x_splits[j]:
+                sends.append(start_send(comm.group, f[x_off[j] : x_off[j + 1]], j, tag, step))
+    combined = comm.take_output("combined", (handle.num_tokens, hidden), x.dtype)
     num_topk = 0 if topk_weights is None else topk_weights.shape[1]
     combined_w = None if topk_weights is None else torch.empty(handle.num_tokens, num_topk, dtype=torch.float32)
 
     def finish() -> None:
-        # A dtype view of the byte rows (no unpacking copy); .float() below reads it once per rank block.
-        vals = recv[:, : byte_width((hidden,), x.dtype)].view(x.dtype)
-        acc = torch.zeros(handle.num_tokens, hidden, dtype=torch.float32, device=x.device)
+        acc = comm.take_scratch("combine_acc", (handle.num_tokens, hidden), torch.float32).zero_()
+        conv = comm.take_scratch("combine_conv", (max(back_splits, default=0), hidden), torch.float32)
         accw = None if combined_w is None else torch.zeros(handle.num_tokens, num_topk, dtype=torch.float32)
-        ws = None if accw is None else unpack_field(recv, byte_width((hidden,), x.dtype), (num_topk,), torch.float32)
-        start = 0
-        for n in handle.send_splits:  # rank order: each token's copies are added lowest rank first
-            idx = handle.send_order[start : start + n]
-            acc.index_add_(0, idx, vals[start : start + n].float())
+        # Rank order: each token's copies are added lowest rank first, exactly as the reference does; a peer's
+        # block is reduced as soon as it has arrived, while later peers' blocks are still on the wire.
+        for j in range(R):
+            n = back_splits[j]
+            if not n:
+                continue
+            if j == rank:
+                blocks = [f[x_off[rank] : x_off[rank + 1]] for f in fields]
+            else:
+                for w in recvs[j]:
+                    wait_work(w, comm.timeout, step)
+                blocks = [st[back_off[j] : back_off[j + 1]] for _, st in staged]
+            idx = handle.send_order[back_off[j] : back_off[j + 1]]
+            conv[:n].copy_(blocks[0])
+            acc.index_add_(0, idx, conv[:n])
             if accw is not None:
-                accw.index_add_(0, idx, ws[start : start + n])
-            start += n
+                accw.index_add_(0, idx, blocks[1])
+        for w in sends:
+            wait_work(w, comm.timeout, step)
         for b in biases:
             acc += b.float()
         combined.copy_(acc)
         if combined_w is not None:
             combined_w.copy_(accw)
+        _give_back(comm, [*staged, ("combine_acc", acc), ("combine_conv", conv)])
 
-    event = EventOverlap([work], finish, (send, recv), comm.timeout, "combine: token exchange")
+    event = EventOverlap([], finish, tuple(fields), comm.timeout, step)
     if not async_finish:
         event.current_stream_wait()
     return combined, combined_w, event

@@ -94,3 +94,32 @@ def gather_headers(group, header: torch.Tensor, num_ranks: int, timeout, step: s
     recv = torch.empty_like(send)
     all_to_all(group, recv, send, None, None, timeout, step)
     return recv.view(num_ranks, -1)
+
+
+def wire(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as gloo can move it: 1-byte types (fp8) travel as uint8, the rest as themselves."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
+
+
+def start_send(group, tensor: torch.Tensor, peer: int, tag: int, step: str):
+    """Post one point-to-point send of a contiguous tensor to group rank `peer`; returns the `Work`."""
+    try:
+        return dist.isend(wire(tensor), group=group, group_dst=peer, tag=tag)
+    except Exception as exc:
+        raise EPCommError(f"{step}: {type(exc).__name__}: {exc}") from exc
+
+
+def start_recv(group, tensor: torch.Tensor, peer: int, tag: int, step: str):
+    """Post one point-to-point receive into a contiguous tensor from group rank `peer`; returns the `Work`."""
+    try:
+        return dist.irecv(wire(tensor), group=group, group_src=peer, tag=tag)
+    except Exception as exc:
+        raise EPCommError(f"{step}: {type(exc).__name__}: {exc}") from exc
+
+
+def split_offsets(splits) -> list[int]:
+    """`[0, s0, s0+s1, ...]`: where each peer's rows start (and the total at the end)."""
+    out = [0]
+    for s in splits:
+        out.append(out[-1] + int(s))
+    return out
