@@ -2,9 +2,10 @@
 
 torch's own fp8 -> fp32 conversion is a scalar loop (~2.5 ns/element here), which would cost more than the matmul
 itself at small M. Instead an e4m3 byte is moved into an fp16 bit pattern with integer ops that vectorise:
-sign-extend it to int16, shift left by 7 and clear bit 14; that is exactly `value * 2**-8` as fp16 (subnormals
-included), and the 2**8 is folded into the block scale. The weight operand is converted in row chunks that stay in
-cache right before their matmul, so the fp32 copy of the whole weight never exists.
+sign-extend it to int16, multiply by 128 (a shift by 7) and clear bit 14; that is exactly `value * 2**-8` as fp16
+(subnormals included), and the 2**8 is folded into the block scale. The weight operand is converted in row chunks
+that stay in cache right before their matmul, so the fp32 copy of the whole weight never exists. At small M the
+chunk is the left operand (`w @ a.T`, MKL's faster layout there) and the `[n, m]` result is transposed once.
 
 >>> from seekstack.gemm import per_token_cast_to_fp8, per_block_cast_to_fp8, calc_diff
 >>> a, b = torch.randn(64, 200), torch.randn(64, 200)
@@ -22,28 +23,64 @@ from .layout import align
 
 # fp16 bit pattern of an e4m3 byte (after the shift) is value * 2**-8.
 _FP16_FOLD = 256.0
-# Clears bit 14, which sign extension sets for negative bytes (0xBFFF as a signed int16).
-_CLEAR_BIT14 = -16385
-# Bytes of fp32 weight rows converted per chunk: small enough to stay cached for the matmul, large enough that
-# the per-op overhead (each torch op is a parallel region) stays small.
-_CHUNK_BYTES = 4 << 20
+# 0-dim CPU operands: a Python scalar costs ~1.5 us more per op (wrapping), and the loop below runs ~5 ops per chunk.
+# x * 128 == x << 7 in int16, and faster than torch's shift (0.05-0.07 vs 0.07-0.10 ns/element in cache here).
+_TIMES_128 = torch.tensor(128, dtype=torch.int16, device="cpu")
+_CLEAR_BIT14 = torch.tensor(-16385, dtype=torch.int16, device="cpu")  # 0xBFFF: sign extension sets bit 14
+# Bytes of fp32 weight rows converted per chunk at small M: the fp32 chunk, its int16 twin and MKL's packed copy
+# then share the 2 MiB L2. Per weight element (M = 64, K = 1792, one thread) the five decode passes alone cost
+# 0.47 ns at 0.9 MiB chunks vs 0.67 ns at 4 MiB; end to end, 0.5 MiB measured 3-6 % faster than 1 and 2 MiB, and
+# 0.25 MiB no better (each torch call has ~1-3 us of fixed cost).
+_CHUNK_BYTES = 512 << 10
+# From this M on the matmul dominates and larger pieces keep it efficient.
+_LARGE_M = 256
+_LARGE_CHUNK_BYTES = 4 << 20
 # Up to this size the whole fp32 weight is materialised at large M.
 _WHOLE_BYTES = 256 << 20
+# At small M, MKL's sgemm is faster with the weight as the left, untransposed operand (`w @ a.T`, "NN") than as
+# the right, transposed one (`a @ w.T`, "TN", what the fp32 baseline runs); ns per weight element, one thread,
+# K = 512 / 1792:
+#   M    16         32         64         96         128        160        192        255
+#   TN   0.37/0.43  0.57/0.65  0.92/0.98  1.33/1.47  1.71/1.89  2.10/2.31  2.48/2.73  3.28/3.56
+#   NN   0.23/0.25  0.38/0.39  0.78/0.79  1.10/1.15  1.46/1.53  1.86/1.97  2.39/2.32  3.85/3.35
+# The [n, m] product must then be transposed into `d` (~0.9 ns per output element, bf16 conversion included),
+# 0.9 * m / k per weight element, and the activations transposed (~1 ns per element, 1 * m / n): worth it up to
+# M = 160 (above, the gain measured nil in place) from k >= 4 * m.
+_WEIGHT_LEFT_MAX_M = 160
+_WEIGHT_LEFT_K_PER_M = 4
+# Chunk rows are a multiple of this (MKL works on row blocks): 2-3 % faster at (M, N, K) = (64, 528, 1792).
+_ROW_ALIGN = 32
+
+
+def fp8_to_fp16_bits(x: torch.Tensor, w16: torch.Tensor) -> None:
+    """`w16 [r, kp]` (int16) = fp16 bit patterns of `x [r, k]` (fp8 e4m3) times 2**-8; columns k.. are zeroed."""
+    k = x.shape[1]
+    if w16.shape[1] != k:
+        w16[:, k:].zero_()
+        w16 = w16[:, :k]
+    w16.copy_(x.view(torch.int8))
+    w16.mul_(_TIMES_128).bitwise_and_(_CLEAR_BIT14)
 
 
 def fp8_rows_to_f32(x: torch.Tensor, sf_rows: torch.Tensor, w16: torch.Tensor, out: torch.Tensor) -> None:
     """Dequantise `x [r, k]` (fp8 e4m3) with 1x128 scales `sf_rows [r, ceil(k/128)]` into `out [r, kp]` (fp32).
 
-    `w16` is an int16 workspace shaped like `out`; columns `k..kp` of `out` come out zero.
+    `sf_rows` carries the 2**8 of the fp16 trick (`folded_scales`); `w16` is an int16 workspace shaped like `out`;
+    columns `k..kp` of `out` come out zero.
     """
-    r, k = x.shape
-    kp = out.shape[1]
-    if kp != k:
-        w16[:, k:].zero_()
-    w16[:, :k].copy_(x.view(torch.int8))
-    w16.bitwise_left_shift_(7).bitwise_and_(_CLEAR_BIT14)
-    out.copy_(w16.view(torch.float16))  # vectorised; a fused mixed-dtype mul measured slower
-    out.view(r, kp // 128, 128).mul_((sf_rows.float() * _FP16_FOLD).unsqueeze(-1))
+    r, kp = out.shape
+    fp8_to_fp16_bits(x, w16)
+    out.copy_(w16.view(torch.float16))  # vectorised; a fused mixed-dtype mul measured slower (0.33 vs 0.21 ns)
+    out.view(r, kp // 128, 128).mul_(sf_rows.unsqueeze(-1))
+
+
+def folded_scales(sf: torch.Tensor) -> torch.Tensor:
+    """Scales as contiguous fp32 times the 2**8 that the fp16 bit patterns of `fp8_to_fp16_bits` lack.
+
+    Contiguous: `dequantize_rows_transposed` broadcasts `sf.T`, which as a strided view made its scale pass 6x
+    slower (83 vs 13 us for 64 x 1792).
+    """
+    return (sf.float() * _FP16_FOLD).contiguous()
 
 
 def dequantize_rows(x: torch.Tensor, sf_rows: torch.Tensor) -> torch.Tensor:
@@ -51,17 +88,39 @@ def dequantize_rows(x: torch.Tensor, sf_rows: torch.Tensor) -> torch.Tensor:
     r, k = x.shape
     kp = align(k, 128)
     out = torch.empty((r, kp), dtype=torch.float32, device=x.device)
-    fp8_rows_to_f32(x, sf_rows, torch.empty((r, kp), dtype=torch.int16, device=x.device), out)
+    fp8_rows_to_f32(x, folded_scales(sf_rows), torch.empty((r, kp), dtype=torch.int16, device=x.device), out)
     return out
 
 
-def _chunk_rows(m: int, n: int, kp: int) -> int:
-    if m >= 256 and n * kp * 4 <= _WHOLE_BYTES:
-        return n  # the matmul dominates: one large matmul beats cache-sized pieces
+def dequantize_rows_transposed(x: torch.Tensor, sf_rows: torch.Tensor) -> torch.Tensor:
+    """`dequantize_rows(x, sf_rows).T.contiguous()`, i.e. fp32 `[align(k, 128), r]`, decoded from transposed bytes.
+
+    Transposing the bytes during the int8 -> int16 copy (0.45 ns/element) is cheaper than transposing the fp32
+    result afterwards (0.73 ns/element).
+    """
+    r, k = x.shape
+    kp = align(k, 128)
+    w16 = torch.empty((kp, r), dtype=torch.int16, device=x.device)
+    if kp != k:
+        w16[k:].zero_()
+    w16[:k].copy_(x.view(torch.int8).T)
+    w16.mul_(_TIMES_128).bitwise_and_(_CLEAR_BIT14)
+    out = torch.empty((kp, r), dtype=torch.float32, device=x.device)
+    out.copy_(w16.view(torch.float16))
+    out.view(kp // 128, 128, r).mul_(folded_scales(sf_rows.T).unsqueeze(1))
+    return out
+
+
+def _plan(m: int, n: int, kp: int) -> tuple[int, bool]:
+    """`(weight rows per chunk, weight_left)` for an `[m, kp] x [n, kp].T` product."""
+    if m >= _LARGE_M:
+        if n * kp * 4 <= _WHOLE_BYTES:
+            return n, False  # the matmul dominates: one large matmul beats cache-sized pieces
+        return min(n, max(1024, _LARGE_CHUNK_BYTES // (4 * kp))), False
     rows = max(16, _CHUNK_BYTES // (4 * kp))
-    if m >= 256:
-        rows = max(rows, 1024)
-    return min(n, rows)
+    rows = -(-n // -(-n // rows))  # equal chunks: a short last one would pay the per-op overhead for little work
+    rows = min(n, align(rows, _ROW_ALIGN))
+    return rows, m <= _WEIGHT_LEFT_MAX_M and kp >= _WEIGHT_LEFT_K_PER_M * m
 
 
 def gemm(a, sfa, b, sfb, b_gran: int, d: torch.Tensor, c: torch.Tensor | None) -> None:
@@ -75,19 +134,46 @@ def gemm(a, sfa, b, sfb, b_gran: int, d: torch.Tensor, c: torch.Tensor | None) -
         d.copy_(acc.add_(c) if c is not None else acc)
         return
     kp = align(k, 128)
-    af = dequantize_rows(a, sfa)
-    sb_rows = sfb if b_gran == 1 else sfb.repeat_interleave(128, dim=0)[:n]
-    rows = _chunk_rows(m, n, kp)
+    sb = folded_scales(sfb)
+    sb_rows = (sb if b_gran == 1 else sb.repeat_interleave(128, dim=0)[:n]).unsqueeze(-1)  # [n, kp / 128, 1]
+    rows, weight_left = _plan(m, n, kp)
+    # The loop runs ~8 torch calls per chunk at ~1-3 us of fixed cost each, so views are made once up front.
     w16 = torch.empty((rows, kp), dtype=torch.int16)
+    if kp != k:
+        w16[:, k:].zero_()  # stays zero: only columns :k are rewritten
     bf = torch.empty((rows, kp), dtype=torch.float32)
-    tmp = torch.empty(m * rows, dtype=torch.float32)
-    for i in range(0, n, rows):
-        j = min(n, i + rows)
-        r = j - i
-        fp8_rows_to_f32(b[i:j], sb_rows[i:j], w16[:r], bf[:r])
-        t = tmp[: m * r].view(m, r)
-        if c is not None:
-            torch.addmm(c[:, i:j], af, bf[:r].T, out=t)
+    full = (w16[:, :k], w16, w16.view(torch.float16), bf, bf.view(rows, kp // 128, 128))
+    b8 = b.view(torch.int8)
+    if weight_left:
+        at = dequantize_rows_transposed(a, sfa)
+        acc = torch.empty((n, m), dtype=torch.float32)  # d.T, filled a chunk of rows at a time
+    else:
+        af = dequantize_rows(a, sfa)
+        # MKL writes straight into a row-major fp32 d (any row stride); otherwise into a buffer converted once.
+        direct = d.dtype == torch.float32 and d.stride(1) == 1
+        acc = d if direct else torch.empty((m, n), dtype=torch.float32)
+    # Chunk views of the weight bytes, scales, outputs and (optional) C, made up front.
+    outs = acc.split(rows) if weight_left else acc.split(rows, dim=1)
+    cs = c.split(rows, dim=1) if c is not None else [None] * len(outs)
+    for x8, s, o, ci in zip(b8.split(rows), sb_rows.split(rows), outs, cs):
+        r = x8.shape[0]
+        w16k, w16r, w16h, w, w3 = full if r == rows else (v[:r] for v in full)
+        w16k.copy_(x8)
+        w16r.mul_(_TIMES_128).bitwise_and_(_CLEAR_BIT14)
+        w.copy_(w16h)
+        w3.mul_(s)
+        if weight_left:
+            torch.mm(w, at, out=o)
+        elif ci is not None:
+            torch.addmm(ci, af, w.T, out=o)
         else:
-            torch.mm(af, bf[:r].T, out=t)
-        d[:, i:j].copy_(t)
+            torch.mm(af, w.T, out=o)
+    if weight_left:
+        if c is not None:
+            d.copy_(acc.T.add(c))
+        elif d.dtype == torch.bfloat16:
+            d.copy_(acc.to(torch.bfloat16).T)  # the 2-byte transpose is ~25 % faster than the fp32 one
+        else:
+            d.copy_(acc.T)
+    elif acc is not d:
+        d.copy_(acc)
