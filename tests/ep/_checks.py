@@ -1,7 +1,8 @@
-"""Checks that run inside spawned gloo ranks (loaded by path in every rank by `seekstack.ep.launch.run_ranks`).
+"""Checks that run inside spawned ranks (loaded by path in every rank by `seekstack.ep.launch.run_ranks`).
 
 Each `check_*` takes a `Ctx`, runs collectives that every rank joins in the same order, and raises on failure.
 `run_checks` runs a list of them and reports `(ok, message)` per check, so one spawn serves many pytest cases.
+Inputs are drawn on the CPU (same values on every device) and moved to `Ctx.dev`: CPU for gloo, CUDA for NCCL.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Ctx:
     gen: torch.Generator
     buf: Buffer
     ll: Buffer
+    dev: torch.device = torch.device("cpu")
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -47,7 +49,11 @@ def make_inputs(c: Ctx, num_tokens: int, hidden: int, num_experts: int, topk: in
     if num_tokens > 3:
         idx[3] = -1  # a token routed nowhere
     w = torch.rand(num_tokens, topk, generator=g)
-    return x, idx, w
+    return x.to(c.dev), idx.to(c.dev), w.to(c.dev)
+
+
+def randn_bf16(c: Ctx, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=c.gen).to(torch.bfloat16).to(c.dev)
 
 
 def num_tokens_for(c: Ctx) -> int:
@@ -94,6 +100,7 @@ def check_layout(c: Ctx) -> None:
             if e >= 0:
                 exp_expert[e] += 1
                 exp_in_rank[t, e // El] = True
+    per_rank, per_expert, in_rank = per_rank.cpu(), per_expert.cpu(), in_rank.cpu()
     assert torch.equal(per_expert, exp_expert) and per_expert.dtype == torch.int32
     assert torch.equal(in_rank, exp_in_rank)
     assert torch.equal(per_rank, exp_in_rank.sum(0).to(torch.int32))
@@ -119,10 +126,7 @@ def check_dispatch_combine_bf16(c: Ctx) -> None:
     assert counts == [int((recv_idx == e).sum()) for e in range(El)]
     # combine: bit-exact vs the reference, with weights and two biases
     y = (recv_x.float() * 1.5).to(torch.bfloat16)
-    biases = (
-        torch.randn(T, H, generator=c.gen).to(torch.bfloat16),
-        torch.randn(T, H, generator=c.gen).to(torch.bfloat16),
-    )
+    biases = (randn_bf16(c, T, H), randn_bf16(c, T, H))
     combined, combined_w, _ = c.buf.combine(y, handle, topk_weights=recv_w, bias=biases)
     ref_c, ref_cw = reference_combine(c.buf.group, y, state, T, recv_w, biases)
     assert_equal(combined, ref_c, "combined_x")
@@ -141,7 +145,7 @@ def check_rank_valued_order(c: Ctx) -> None:
     E = num_experts_for(c)
     T = num_tokens_for(c)
     _, idx, _ = make_inputs(c, T, 128, E, 4)
-    x = torch.full((T, 128), float(c.rank), dtype=torch.bfloat16)
+    x = torch.full((T, 128), float(c.rank), dtype=torch.bfloat16, device=c.dev)
     lay = layout_of(c, idx, E)
     recv_x, _, _, _, handle, _ = c.buf.dispatch(x, **lay)
     prefix = handle.rank_prefix_matrix
@@ -187,7 +191,7 @@ def check_cached_dispatch(c: Ctx) -> None:
     recv_x, _, _, _, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
     again, ri, rw, cnt, h2, _ = c.buf.dispatch(x, handle=handle)
     assert torch.equal(again, recv_x) and ri is None and rw is None and cnt is None and h2 is None
-    x2 = torch.randn(T, H, generator=c.gen).to(torch.bfloat16)
+    x2 = randn_bf16(c, T, H)
     fresh, *_ = c.buf.dispatch(x2, **lay)
     cached, *_ = c.buf.dispatch(x2, handle=handle)
     assert torch.equal(fresh, cached)
@@ -204,7 +208,7 @@ def check_held_outputs_survive_later_calls(c: Ctx) -> None:
     combined, _, _ = c.buf.combine(recv_x, handle)
     snap_recv, snap_comb = recv_x.clone(), combined.clone()
     for _ in range(2):
-        other = torch.randn(T, H, generator=c.gen).to(torch.bfloat16)
+        other = randn_bf16(c, T, H)
         again, *_ = c.buf.dispatch(other, handle=handle)
         c.buf.combine(again, handle)
         del again
@@ -269,8 +273,8 @@ def _ll_inputs(c: Ctx, num_max: int, H: int, E: int):
 def check_low_latency_bf16(c: Ctx) -> None:
     E, num_max, H = num_experts_for(c), 16, 256
     T, x, idx, w = _ll_inputs(c, num_max, H, E)
-    x[:, -128:] = torch.arange(T, dtype=torch.bfloat16)[:, None]  # token index rides in the last 128 channels
-    stats = torch.zeros(E // c.R, dtype=torch.int32)
+    x[:, -128:] = torch.arange(T, dtype=torch.bfloat16, device=c.dev)[:, None]  # token index in the last 128
+    stats = torch.zeros(E // c.R, dtype=torch.int32, device=c.dev)
     recv, count, handle, ev, hook = c.ll.low_latency_dispatch(
         x, idx, num_max, E, cumulative_local_expert_recv_stats=stats, use_fp8=False
     )
@@ -307,12 +311,12 @@ def check_low_latency_fp8(c: Ctx) -> None:
     want = x.float() * torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
     d = calc_diff(comb.float(), want)
     assert d < 9e-4, d
-    x512 = torch.randn(T, 512, generator=c.gen).to(torch.bfloat16)
+    x512 = randn_bf16(c, T, 512)
     (q8, s8), count8, h8, *_ = c.ll.low_latency_dispatch(x512, idx, num_max, E, round_scale=True, use_ue8m0=True)
     assert s8.dtype == torch.int32 and s8.shape[-1] == 512 // 512
     _, pow2 = per_token_cast_to_fp8(x512, round_scale=True)
     exps = torch.empty(s8.shape, dtype=torch.int32).copy_(s8).view(torch.uint8).view(*s8.shape[:2], 4).float()
-    decoded = torch.exp2(exps - 127)
+    decoded, pow2, h8 = torch.exp2(exps - 127), pow2.cpu(), (h8[0].cpu(), h8[1].cpu())
     for e in range(E // c.R):
         begin, n = int(h8[1][e, c.rank]) >> 32, int(h8[1][e, c.rank]) & 0xFFFFFFFF
         for i in range(begin, begin + n):  # this rank's own tokens, located through layout_range and src_info
@@ -334,7 +338,7 @@ def check_low_latency_hook_async_zero_copy(c: Ctx) -> None:
     assert torch.equal(comb, comb_ref)
     zbuf = c.ll.get_next_low_latency_combine_buffer(handle)
     zbuf.copy_(recv)
-    out = torch.empty(T, H, dtype=torch.bfloat16)
+    out = torch.empty(T, H, dtype=torch.bfloat16, device=c.dev)
     comb2, _, hook2 = c.ll.low_latency_combine(None, idx, w, handle, zero_copy=True, return_recv_hook=True, out=out)
     hook2()
     assert comb2 is out and torch.equal(out, comb_ref)
@@ -346,22 +350,122 @@ def check_autograd(c: Ctx) -> None:
     E = num_experts_for(c)
     T, H = num_tokens_for(c), 64
     _, idx, w = make_inputs(c, T, H, E, 4)
-    x = torch.randn(T, H, generator=c.gen, requires_grad=True)
+    x = torch.randn(T, H, generator=c.gen).to(c.dev).requires_grad_(True)
     w = w.clone().requires_grad_(True)
     recv_x, recv_idx, recv_w, _, handle = dispatch_with_grad(c.buf, x, idx, w, E)
     y = recv_x * 2.0
     combined, combined_w = combine_with_grad(c.buf, y, handle, topk_weights=recv_w * 3.0)
-    gy = torch.randn(T, H, generator=c.gen)
-    gw = torch.randn(T, 4, generator=c.gen)
+    gy = torch.randn(T, H, generator=c.gen).to(c.dev)
+    gw = torch.randn(T, 4, generator=c.gen).to(c.dev)
     ((combined * gy).sum() + (combined_w * gw).sum()).backward()
     n = (idx >= 0).any(1)  # combined = 2 · (#ranks reached) · x
-    in_rank = torch.zeros(T, c.R, dtype=torch.bool)
+    in_rank = torch.zeros(T, c.R, dtype=torch.bool, device=c.dev)
     valid = idx >= 0
     in_rank[valid.nonzero()[:, 0], idx[valid] // (E // c.R)] = True
     cnt = in_rank.sum(1, keepdim=True).float()
     assert torch.allclose(combined, 2 * cnt * x.detach()) and n.any()
     assert torch.allclose(x.grad, 2 * cnt * gy), "dispatch backward = combine of the gradients"
     assert torch.allclose(w.grad, 3 * gw * valid), "weight gradients reach only real top-k slots"
+
+
+def check_rank_without_tokens(c: Ctx) -> None:
+    """Rank 0 has no tokens at all; everyone else dispatches, combines and runs low latency as usual."""
+    E = num_experts_for(c)
+    T, H = (0 if c.rank == 0 else num_tokens_for(c)), 128
+    x, idx, w = make_inputs(c, max(T, 4), H, E, 4)
+    x, idx, w = x[:T], idx[:T], w[:T]
+    lay = layout_of(c, idx, E)
+    recv_x, recv_idx, recv_w, _, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+    ref_x, ref_idx, ref_w, _, state = reference_dispatch(c.buf.group, x, idx, w, E)
+    assert_equal(recv_x, ref_x, "recv_x")
+    assert_equal(recv_idx, ref_idx, "recv_topk_idx")
+    combined, combined_w, _ = c.buf.combine(recv_x, handle, topk_weights=recv_w)
+    ref_c, ref_cw = reference_combine(c.buf.group, recv_x, state, T, recv_w)
+    assert_equal(combined, ref_c, "combined_x")
+    assert_equal(combined_w, ref_cw, "combined_topk_weights")
+    assert_equal(c.buf.dispatch(x, handle=handle)[0], recv_x, "cached recv_x")
+    num_max = 23 + 7 * c.R  # more than any rank's tokens
+    recv, count, ll_handle, _, _ = c.ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False)
+    ref, ref_count = reference_low_latency_dispatch(c.ll.group, x, idx, num_max, E, use_fp8=False)
+    assert torch.equal(count, ref_count)
+    assert_equal(valid_rows(recv, count), valid_rows(ref, count), "low-latency recv_x")
+    comb, _, _ = c.ll.low_latency_combine(recv, idx, w, ll_handle)
+    assert_equal(comb, reference_low_latency_combine(c.ll.group, recv, idx, w, num_max, E), "low-latency combine")
+
+
+def check_reduction_in_token_tiles(c: Ctx) -> None:
+    """Combine sums tile by tile on CPU (~2 MiB of widened rows per tile): with tiles of a few tokens, both combines
+    still match the references bit for bit, biases included."""
+    import seekstack.ep.reduce as reduce
+
+    E = num_experts_for(c)
+    T, H = num_tokens_for(c), 128
+    x, idx, w = make_inputs(c, T, H, E, 4)
+    lay = layout_of(c, idx, E)
+    saved = reduce._TILE_BYTES
+    reduce._TILE_BYTES = 4 * H * 3
+    try:
+        recv_x, _, recv_w, _, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+        _, _, _, _, state = reference_dispatch(c.buf.group, x, idx, w, E)
+        y = (recv_x.float() * 0.75).to(torch.bfloat16)
+        bias = randn_bf16(c, T, H)
+        combined, combined_w, _ = c.buf.combine(y, handle, topk_weights=recv_w, bias=bias)
+        ref_c, ref_cw = reference_combine(c.buf.group, y, state, T, recv_w, (bias,))
+        assert_equal(combined, ref_c, "tiled combined_x")
+        assert_equal(combined_w, ref_cw, "tiled combined_topk_weights")
+        num_max = 16
+        T_ll, lx, lidx, lw = _ll_inputs(c, num_max, H, E)
+        recv, count, ll_handle, _, _ = c.ll.low_latency_dispatch(lx, lidx, num_max, E, use_fp8=False)
+        comb, _, _ = c.ll.low_latency_combine(recv, lidx, lw, ll_handle)
+        ref_ll = reference_low_latency_combine(c.ll.group, recv, lidx, lw, num_max, E)
+        assert_equal(comb, ref_ll, "tiled low-latency combine")
+    finally:
+        reduce._TILE_BYTES = saved
+
+
+def check_follows_input_device(c: Ctx) -> None:
+    """Every tensor the Buffer creates follows its inputs' device, which is how the CUDA path is checked on CPU:
+    with factories defaulting to the meta device, a missed `device=` yields a meta tensor and the call fails."""
+    E = num_experts_for(c)
+    T, H = num_tokens_for(c), 256
+    x, idx, w = make_inputs(c, T, H, E, 4)
+    q, s = per_token_cast_to_fp8(x)
+    lay = layout_of(c, idx, E)
+    bias = randn_bf16(c, T, H)
+    want = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+    want_fp8 = c.buf.dispatch((q, s), topk_idx=idx, topk_weights=w, **lay)
+    want_comb = c.buf.combine(want[0], want[4], topk_weights=want[2], bias=bias)
+    num_max = 16
+    lx, lidx, lw = x[:num_max], idx[:num_max], w[:num_max]
+    want_ll, want_count, want_h, _, _ = c.ll.low_latency_dispatch(lx, lidx, num_max, E, use_fp8=False)
+    want_ll = valid_rows(want_ll, want_count)
+    y_ll = c.ll.get_next_low_latency_combine_buffer(want_h)
+    want_llc = c.ll.low_latency_combine(y_ll, lidx, lw, want_h)
+    with torch.device("meta"):
+        lay2 = layout_of(c, idx, E)
+        got = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay2, async_finish=True)
+        got[5].current_stream_wait()
+        got_fp8 = c.buf.dispatch((q, s), topk_idx=idx, topk_weights=w, **lay2)
+        got_cached = c.buf.dispatch(x, handle=got[4])[0]
+        got_comb = c.buf.combine(got[0], got[4], topk_weights=got[2], bias=bias)
+        ll, count, h, _, hook = c.ll.low_latency_dispatch(lx, lidx, num_max, E, use_fp8=True, return_recv_hook=True)
+        hook()
+        ll_bf16, count_bf16, h_bf16, _, _ = c.ll.low_latency_dispatch(lx, lidx, num_max, E, use_fp8=False)
+        got_llc = c.ll.low_latency_combine(y_ll, lidx, lw, h_bf16)
+    for name, a, b in [
+        ("recv_x", got[0], want[0]),
+        ("recv_topk_idx", got[1], want[1]),
+        ("recv_topk_weights", got[2], want[2]),
+        ("fp8 recv_x", got_fp8[0], want_fp8[0]),
+        ("cached recv_x", got_cached, want[0]),
+        ("combined", got_comb[0], want_comb[0]),
+        ("combined weights", got_comb[1], want_comb[1]),
+        ("low-latency recv_x", valid_rows(ll_bf16, count_bf16), want_ll),
+        ("low-latency combine", got_llc[0], want_llc[0]),
+    ]:
+        assert_equal(a, b, name)
+    assert ll[0].device == x.device and ll[1].device == x.device and count.device == x.device
+    assert torch.equal(count, want_count) and h[0].device == x.device
 
 
 def check_bad_inputs(c: Ctx) -> None:
@@ -379,6 +483,8 @@ def check_bad_inputs(c: Ctx) -> None:
         ("expert_alignment", lambda: c.buf.dispatch(x, expert_alignment=0, **lay)),
         ("num_worst_tokens", lambda: c.buf.dispatch(x, num_worst_tokens=-1, **lay)),
         ("topk_weights", lambda: c.buf.dispatch(x, topk_idx=idx, topk_weights=w.double(), **lay)),
+        ("topk_idx", lambda: c.buf.dispatch(x, topk_idx=idx + E, **lay)),
+        ("bias", lambda: c.buf.combine(*c.buf.dispatch(x, **lay)[0:5:4], bias=x[:1])),
         ("x", lambda: c.buf.dispatch(x[0], **lay)),
         ("low_latency_mode", lambda: c.buf.low_latency_dispatch(x, idx, 16, E)),
         ("num_max_dispatch_tokens_per_rank", lambda: c.ll.low_latency_dispatch(x, idx, 4, E)),
@@ -431,11 +537,19 @@ def check_stuck_peer_times_out(c: Ctx) -> None:
 
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]
 LAST_ONLY_2_RANKS = ["check_stuck_peer_times_out"]
+# Peers that disagree or stall: gloo's error paths; NCCL reports those through its own watchdog.
+GLOO_ONLY = ["check_mismatched_peer", *LAST_ONLY_2_RANKS]
 
 
-def run_checks(rank: int, world_size: int, seed: int, names: list[str]) -> dict[str, tuple[bool, str]]:
+def run_checks(
+    rank: int, world_size: int, seed: int, names: list[str], transport: str = "auto"
+) -> dict[str, tuple[bool, str]]:
+    """Run the named checks; on an NCCL group the tensors live on this rank's current CUDA device."""
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    c = Ctx(rank, world_size, gen, Buffer(timeout_s=60), Buffer(low_latency_mode=True, timeout_s=60))
+    nccl = dist.get_backend() == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    buf = Buffer(timeout_s=60, transport=transport)
+    c = Ctx(rank, world_size, gen, buf, Buffer(low_latency_mode=True, timeout_s=60, transport=transport), dev)
     results: dict[str, tuple[bool, str]] = {}
     for name in names:
         try:

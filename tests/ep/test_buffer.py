@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from seekstack.ep.launch import run_ranks
 
@@ -75,6 +76,21 @@ def test_demo_reports_bit_exact(tmp_path):
 def test_bench_rejects_bad_arguments():
     from seekstack.ep.bench import main
 
-    for argv in (["--hidden", "100"], ["--ranks", "0"], ["--experts", "10", "--ranks", "4"]):
+    bad = [["--hidden", "100"], ["--ranks", "0"], ["--experts", "10", "--ranks", "4"], ["--backend", "mpi"]]
+    if not torch.cuda.is_available():
+        bad.append(["--backend", "nccl"])
+    for argv in bad:
         with pytest.raises(SystemExit):
             main(argv)
+
+
+@pytest.fixture(scope="module")
+def results_2_all_to_all():
+    names = [n for n in NAMES if n not in checks.GLOO_ONLY]
+    return run_ranks(str(CHECKS_FILE), "run_checks", 2, args=(SEED, names, "all_to_all"), timeout_s=240)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in checks.GLOO_ONLY])
+def test_two_ranks_all_to_all_transport(results_2_all_to_all, name):
+    """The NCCL wire (one all_to_all_single per field) run on gloo, where it can be tested without a GPU."""
+    _assert_ok(results_2_all_to_all, name)

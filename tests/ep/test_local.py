@@ -7,7 +7,8 @@ import torch
 
 from seekstack.ep import Config, EventOverlap, compute_dispatch_layout, per_token_cast_back, per_token_cast_to_fp8
 from seekstack.ep.fp8 import pack_ue8m0
-from seekstack.ep.transport import pack_rows, unpack_field
+from seekstack.ep.reduce import sum_bags, tile_bounds
+from seekstack.ep.transport import split_offsets
 
 
 def test_layout_matches_loops(seed):
@@ -51,16 +52,40 @@ def test_fp8_roundtrip_and_ue8m0(seed):
         per_token_cast_to_fp8(torch.randn(2, 100))
 
 
-def test_pack_unpack_nan_poisoned_rows(seed):
-    x = torch.randn(9, 6, dtype=torch.bfloat16)
-    x[2] = float("nan")
-    ids = torch.arange(9 * 3).view(9, 3)
-    order = torch.tensor([8, 0, 2])
-    rows = pack_rows([x, ids], order)
-    assert rows.shape == (3, 6 * 2 + 3 * 8)
-    got_x = unpack_field(rows, 0, (6,), torch.bfloat16)
-    got_ids = unpack_field(rows, 12, (3,), torch.int64)
-    assert torch.equal(got_x.view(torch.int16), x[order].view(torch.int16)) and torch.equal(got_ids, ids[order])
+def test_sum_bags_is_a_left_to_right_fp32_sum(seed):
+    # Sums of a few bf16 values land exactly halfway between two bf16 numbers often; magnitudes 2^±12 apart make
+    # fp32 absorb small terms, so any other order or rounding (e.g. a bf16 kernel rounding ties away from zero)
+    # shows up here.
+    n_tok, hidden = 300, 64
+    counts = torch.randint(0, 5, (n_tok,))
+    rows = (torch.randn(int(counts.sum()) + 3, hidden) * torch.exp2(torch.randint(-12, 12, (1, hidden)))).bfloat16()
+    rows[-3:] = float("nan")  # rows no bag points at must not matter
+    rows[::7, ::5] = -0.0
+    perm = torch.randperm(rows.shape[0] - 3)
+    offsets = torch.tensor(split_offsets(counts.tolist())[:-1])
+    got = sum_bags(rows.float(), perm, offsets)
+    want = torch.zeros(n_tok, hidden)
+    for t, (o, c) in enumerate(zip(offsets.tolist(), counts.tolist(), strict=True)):
+        for i in perm[o : o + c].tolist():
+            want[t] += rows[i].float()
+    assert torch.equal(got, want)
+    assert torch.equal(got.bfloat16().view(torch.int16), want.bfloat16().view(torch.int16))
+    empty = sum_bags(torch.empty(0, hidden), torch.empty(0, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
+    assert torch.equal(empty, torch.zeros(4, hidden))
+
+
+def test_tile_bounds_cover_every_token_once():
+    cpu, many = torch.device("cpu"), 100_000
+    for tokens, rows, hidden in [(0, 0, 128), (1, 4, 128), (1024, 3700, 2048), (4096, 15000, 7168), (7, 70, 64)]:
+        bounds = tile_bounds(tokens, rows, hidden, cpu)
+        assert bounds[0] == 0 and bounds[-1] == tokens and len(bounds) >= 2  # no tokens: one empty tile
+        assert all(a < b for a, b in zip(bounds, bounds[1:], strict=False)) or tokens == 0
+        assert len(bounds) - 1 <= 64
+    assert tile_bounds(many, 4 * many, 7168, torch.device("meta")) == [0, many]  # one tile off the CPU
+
+
+def test_split_offsets():
+    assert split_offsets([3, 0, 2]) == [0, 3, 3, 5] and split_offsets([]) == [0]
 
 
 def test_config_validation():

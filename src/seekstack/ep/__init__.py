@@ -2,9 +2,9 @@
 
 Normal mode (`dispatch`/`combine`) for training and prefill, low-latency mode (`low_latency_dispatch`/
 `low_latency_combine`) into the masked `[E_local, R * max_tokens, H]` layout for decoding, asynchronous events and
-receive hooks, and autograd functions. The wire is `all_to_all_single` over packed byte rows (fp8 as uint8), so it
-runs on gloo (CPU) as well as NCCL, and results are bit-identical to a plain all_to_all_single reference
-(`seekstack.ep.reference`).
+receive hooks, and autograd functions. The wire is one send per peer on gloo and one `all_to_all_single` per field
+elsewhere (fp8 as uint8 views), so it runs on gloo with CPU tensors as well as NCCL with CUDA tensors, and results
+are bit-identical to a plain all_to_all_single reference (`seekstack.ep.reference`).
 """
 
 from .autograd import EPCombine, EPDispatch, combine_with_grad, dispatch_with_grad

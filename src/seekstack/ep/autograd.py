@@ -42,7 +42,7 @@ class EPDispatch(torch.autograd.Function):
         (recv_idx,) = ctx.saved_tensors
         h = ctx.handle
         if grad_recv_x is None:
-            grad_recv_x = torch.zeros(h.num_recv_tokens, 1)
+            grad_recv_x = torch.zeros(h.num_recv_tokens, 1, device=h.send_order.device)
         gw = None
         if grad_recv_w is not None:
             gw = torch.where(recv_idx >= 0, grad_recv_w, torch.zeros((), dtype=grad_recv_w.dtype))
@@ -77,7 +77,9 @@ class EPCombine(torch.autograd.Function):
 def dispatch_with_grad(buffer, x, topk_idx, topk_weights, num_experts):
     """Differentiable layout + dispatch; returns `(recv_x, recv_topk_idx, recv_topk_weights, counts, handle)`."""
     out: dict[str, object] = {}
-    weights = topk_weights if topk_weights is not None else torch.zeros(topk_idx.shape, dtype=torch.float32)
+    weights = topk_weights
+    if weights is None:
+        weights = torch.zeros(topk_idx.shape, dtype=torch.float32, device=topk_idx.device)
     recv_x, recv_w = EPDispatch.apply(x, weights, buffer, topk_idx, num_experts, out)
     if topk_weights is None:
         recv_w = None

@@ -28,6 +28,13 @@ _DEFAULT_TIMEOUT_S = 300.0
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private: where it is missing, outputs are never reused
 
 
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for s in shape:
+        n *= s
+    return n
+
+
 def _storage_uses(t: torch.Tensor) -> int:
     """How many owners the storage of `t` has (tensors, storages), as counted by torch; -1 where torch can't say."""
     return -1 if _USE_COUNT is None else _USE_COUNT(t.untyped_storage()._cdata)
@@ -38,7 +45,9 @@ class Buffer:
 
     `num_nvl_bytes`/`num_rdma_bytes` are validated and kept for API compatibility: the transport sizes its
     buffers per call. `timeout_s` bounds every wait on a collective, so a dead or mismatched peer raises
-    `EPCommError` naming the step instead of hanging.
+    `EPCommError` naming the step instead of hanging. Tensors may live on any device the group's backend moves
+    (CPU for gloo, CUDA for NCCL). `transport` picks the wire: `"p2p"` (per-peer isend/irecv, the gloo default)
+    or `"all_to_all"` (one `all_to_all_single` per field, the default on every other backend).
 
     >>> Buffer.set_num_sms(24); Buffer.num_sms
     24
@@ -60,6 +69,7 @@ class Buffer:
         enable_shrink: bool = False,
         comm=None,
         timeout_s: float | None = _DEFAULT_TIMEOUT_S,
+        transport: str = "auto",
     ) -> None:
         if not dist.is_initialized():
             raise ValueError("group: torch.distributed is not initialised (call init_process_group first)")
@@ -70,7 +80,13 @@ class Buffer:
             raise ValueError(f"num_qps_per_rank must be positive, got {num_qps_per_rank}")
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive or None, got {timeout_s}")
+        if transport not in ("auto", "p2p", "all_to_all"):
+            raise ValueError(f"transport must be 'auto', 'p2p' or 'all_to_all', got {transport!r}")
         self.group = group if group is not None else dist.group.WORLD
+        self.backend = str(dist.get_backend(self.group))
+        # Per-peer isend/irecv on gloo (own rows skip the wire and the staging copy); one all_to_all_single per
+        # field elsewhere (NCCL: stream-ordered, no unmatched point-to-point calls).
+        self.p2p = transport == "p2p" or (transport == "auto" and self.backend == "gloo")
         self.rank = dist.get_rank(self.group)
         self.group_size = dist.get_world_size(self.group)
         self.num_nvl_bytes = num_nvl_bytes
@@ -79,13 +95,15 @@ class Buffer:
         self.num_qps_per_rank = num_qps_per_rank
         self.explicitly_destroy = explicitly_destroy
         self.timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-        self._ll_combine_buffers: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._ll_combine_buffers: dict[tuple, torch.Tensor] = {}
         self._ll_recv_buffers: dict[tuple, torch.Tensor] = {}
         self._ll_phase = 0
         # Staging memory of the normal-mode exchanges, kept across calls like DeepEP's registered buffers: fresh
         # multi-megabyte allocations cost page faults on CPU that are a large share of a loopback exchange.
         self._scratch: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, tuple[torch.Tensor, int]] = {}
+        # Small per-call-invariant tables (e.g. global → local expert ids), keyed by what they depend on.
+        self.constants: dict[tuple, torch.Tensor] = {}
         self._destroyed = False
 
     # ---- static helpers -------------------------------------------------------------------------------------
@@ -236,44 +254,53 @@ class Buffer:
         for buf in (*self._ll_combine_buffers.values(), *self._ll_recv_buffers.values()):
             buf.zero_()
 
-    def take_scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def take_scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device=None) -> torch.Tensor:
         """Staging tensor `name`, reused across calls; the caller returns it with `give_scratch` when done.
 
-        Taking removes it from the pool, so two calls in flight at once (async_finish) never share one.
+        Taking removes it from the pool, so two calls in flight at once (async_finish) never share one. Off the
+        CPU there is no pool: the CUDA caching allocator already recycles memory, and it knows the streams.
         """
-        nbytes = torch.empty((), dtype=dtype).element_size()
-        for s in shape:
-            nbytes *= s
+        nbytes = _nbytes(shape, dtype)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
         buf = self._scratch.pop(name, None)
         if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
         return buf[:nbytes].view(dtype).view(shape)
 
-    def take_output(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def take_output(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device=None) -> torch.Tensor:
         """An output tensor for the caller, in memory recycled from an earlier call once nothing else holds it.
 
         Receiving into freshly mapped pages costs a page fault per 4 KiB inside the transfer; a previous output
         whose storage no tensor (view, numpy array, ...) references any more is reused instead. Contents are stale.
+        Off the CPU the caching allocator does this (and tracks streams), so a fresh tensor is returned.
         """
-        nbytes = torch.empty((), dtype=dtype).element_size()
-        for s in shape:
-            nbytes *= s
+        nbytes = _nbytes(shape, dtype)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
         base, idle = self._outputs.get(name, (None, 0))
         if base is None or base.numel() < nbytes or idle < 0 or _storage_uses(base) != idle:
-            base = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            base = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
             self._outputs[name] = (base, _storage_uses(base))
         return base[:nbytes].view(dtype).view(shape)
 
     def give_scratch(self, name: str, t: torch.Tensor) -> None:
         """Return a tensor from `take_scratch` to the pool (its whole storage)."""
+        if t.device.type != "cpu":
+            return
         storage = t.untyped_storage()
-        self._scratch[name] = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+        self._scratch[name] = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, 0, (storage.nbytes(),))
 
-    def low_latency_recv_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The receive buffer `name` of the current phase; two phases alternate, as in DeepEP."""
-        key = (self._ll_phase, name, shape, dtype)
+    def low_latency_recv_buffer(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device=None
+    ) -> torch.Tensor:
+        """The buffer `name` of the current phase; two phases alternate, as in DeepEP."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (self._ll_phase, name, shape, dtype, device)
         if key not in self._ll_recv_buffers:
-            self._ll_recv_buffers[key] = torch.empty(shape, dtype=dtype)
+            self._ll_recv_buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return self._ll_recv_buffers[key]
 
     def low_latency_dispatch(
@@ -345,6 +372,7 @@ class Buffer:
         self._check_low_latency()
         h = low_latency.resolve_handle(handle)
         shape = (h.num_experts // self.group_size, self.group_size * h.num_max_dispatch_tokens_per_rank, h.hidden)
-        if shape not in self._ll_combine_buffers:
-            self._ll_combine_buffers[shape] = torch.zeros(shape, dtype=torch.bfloat16)
-        return self._ll_combine_buffers[shape]
+        key = (*shape, h.src_info.device)
+        if key not in self._ll_combine_buffers:
+            self._ll_combine_buffers[key] = torch.zeros(shape, dtype=torch.bfloat16, device=h.src_info.device)
+        return self._ll_combine_buffers[key]

@@ -1,4 +1,7 @@
-"""Spawn a small gloo group on 127.0.0.1 and run one function per rank; used by the tests, the demo and the bench.
+"""Spawn a small process group on 127.0.0.1 and run one function per rank; used by the tests, the demo and the bench.
+
+gloo by default (CPU tensors); with `backend="nccl"` rank r binds to GPU `r % device_count` first (NCCL refuses two
+ranks on one GPU, so a single GPU means a world of one).
 
 The function is named by file path and attribute, so it need not live in an importable module (pytest test files
 are not). Each rank's return value comes back pickled; a rank that fails, hangs past `timeout_s` or dies is
@@ -36,7 +39,7 @@ def _load(path: str, attr: str):
     return getattr(mod, attr)
 
 
-def _child(rank, world_size, port, path, attr, args, pg_timeout_s, results, threads):
+def _child(rank, world_size, port, path, attr, args, pg_timeout_s, results, threads, backend):
     import torch
     import torch.distributed as dist
 
@@ -44,8 +47,10 @@ def _child(rank, world_size, port, path, attr, args, pg_timeout_s, results, thre
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(threads)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout_s)
+            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout_s)
         )
         value = _load(path, attr)(rank, world_size, *args)
         results.put((rank, True, pickle.dumps(value)))
@@ -68,20 +73,25 @@ def run_ranks(
     pg_timeout_s: float = 30.0,
     threads: int = 1,
     allow_missing: bool = False,
+    backend: str = "gloo",
 ) -> list[object]:
-    """Run `attr(rank, world_size, *args)` from file `path` in `world_size` spawned gloo ranks; returns the values.
+    """Run `attr(rank, world_size, *args)` from file `path` in `world_size` spawned ranks; returns the values.
 
     Raises RuntimeError with the failing ranks' tracebacks if any rank raises, dies or exceeds `timeout_s`; with
     `allow_missing`, a rank that exits without a result (on purpose, in failure tests) gives None instead.
     """
     import torch.multiprocessing as mp
 
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(
-            target=_child, args=(r, world_size, port, path, attr, args, pg_timeout_s, results, threads), daemon=True
+            target=_child,
+            args=(r, world_size, port, path, attr, args, pg_timeout_s, results, threads, backend),
+            daemon=True,
         )
         for r in range(world_size)
     ]

@@ -4,7 +4,7 @@
 >>> idx = torch.tensor([[0, 3], [2, -1]])
 >>> per_rank, per_rdma, per_expert, in_rank = compute_dispatch_layout(idx, num_experts=4, num_ranks=2)
 >>> per_rank.tolist(), per_expert.tolist(), in_rank.tolist()
-([2, 1], [1, 0, 1, 1], [[True, True], [False, True]])
+([1, 2], [1, 0, 1, 1], [[True, True], [False, True]])
 """
 
 from __future__ import annotations

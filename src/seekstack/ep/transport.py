@@ -1,14 +1,20 @@
-"""The wire: packed byte rows moved with `all_to_all_single` and split sizes, on any torch.distributed backend.
+"""The wire: rows moved between ranks with split sizes, on any torch.distributed backend and device.
 
-Every exchange moves one uint8 buffer `[rows, row_bytes]`: the fields of a token copy (hidden states, fp8 scales,
-top-k ids and weights, source index) side by side. Bytes make the transport dtype-blind, which is what gloo needs
-for fp8 (it has no float8 type) and what makes results bit-exact. Collectives always run with `async_op=True` and
-are waited on with the buffer's timeout, so a dead or stuck peer ends in `EPCommError`, never a silent hang.
+An exchange moves tensors `[rows, ...]` whose rows are grouped by destination rank (send side) and by source rank
+(receive side), with per-rank row counts (`splits`). Two forms carry it:
 
->>> import torch
->>> rows = pack_rows([torch.ones(3, 2, dtype=torch.bfloat16), torch.arange(3, dtype=torch.int32)[:, None]])
->>> rows.shape, rows.dtype
-(torch.Size([3, 8]), torch.uint8)
+- `p2p` (gloo): one `isend`/`irecv` per peer and field. The rows a rank keeps never touch the wire or a staging
+  buffer (the caller writes them straight into the output), and receives land in the output tensors themselves.
+- `all_to_all` (NCCL and the rest): one `all_to_all_single` per field; collectives are stream-ordered on GPUs, and
+  NCCL's grouped send/recv semantics make per-peer point-to-point calls outside a group unsafe (two ranks sending
+  to each other first would deadlock).
+
+One-byte types (fp8) travel as uint8 views: gloo has no float8 type, and bytes keep results bit-exact. Every
+collective runs with `async_op=True` and is waited on with the buffer's timeout, so a dead or stuck peer ends in
+`EPCommError`, never a silent hang.
+
+>>> split_offsets([2, 0, 3])
+[0, 2, 2, 5]
 """
 
 from __future__ import annotations
@@ -21,70 +27,36 @@ import torch.distributed as dist
 from .events import EPCommError, wait_work
 
 
-def as_byte_rows(t: torch.Tensor) -> torch.Tensor:
-    """View a `[N, ...]` tensor as `[N, bytes_per_row]` uint8 (copying only if it is not contiguous)."""
-    t = t.contiguous()
-    return t.view(t.shape[0], -1).view(torch.uint8) if t.dim() > 1 else t.view(-1, 1).view(torch.uint8)
-
-
-def pack_rows(fields: list[torch.Tensor], order: torch.Tensor | None = None) -> torch.Tensor:
-    """Concatenate the byte rows of `fields` (all `[T, ...]`), keeping rows `order` (all rows if None)."""
-    byte_fields = [as_byte_rows(f) for f in fields]
-    if len(byte_fields) == 1 and order is None:
-        return byte_fields[0]
-    rows = byte_fields[0].shape[0] if order is None else order.numel()
-    width = sum(f.shape[1] for f in byte_fields)
-    out = torch.empty(rows, width, dtype=torch.uint8, device=byte_fields[0].device)
-    col = 0
-    for f in byte_fields:
-        dst = out[:, col : col + f.shape[1]]
-        if order is None:
-            dst.copy_(f)
-        else:
-            # index_select writes straight into the strided slice: one copy, and far faster than f[order] on CPU.
-            torch.index_select(f, 0, order, out=dst)
-        col += f.shape[1]
+def split_offsets(splits) -> list[int]:
+    """`[0, s0, s0+s1, ...]`: where each peer's rows start (and the total at the end)."""
+    out = [0]
+    for s in splits:
+        out.append(out[-1] + int(s))
     return out
 
 
-def unpack_field(rows: torch.Tensor, col: int, shape_tail: tuple[int, ...], dtype: torch.dtype, out=None):
-    """Read one field back from packed byte rows into a fresh (or the given) contiguous tensor."""
-    width = torch.empty((), dtype=dtype).element_size()
-    for s in shape_tail:
-        width *= s
-    src = rows[:, col : col + width]
-    if out is None:
-        out = torch.empty((rows.shape[0], *shape_tail), dtype=dtype, device=rows.device)
-    out.view(rows.shape[0], -1).view(torch.uint8).copy_(src)
-    return out
+def wire(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as every backend can move it: 1-byte types (fp8) travel as uint8, the rest as themselves."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
 
 
-def byte_width(shape_tail: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for s in shape_tail:
-        n *= s
-    return n
-
-
-def start_all_to_all(
-    group,
-    recv: torch.Tensor,
-    send: torch.Tensor,
-    recv_splits: list[int] | None,
-    send_splits: list[int] | None,
-    step: str,
-):
-    """Launch an uneven `all_to_all_single` on byte rows (splits in rows); returns the `Work`."""
+def start_all_to_all(group, recv, send, recv_splits, send_splits, step: str):
+    """Launch an (uneven) `all_to_all_single` on dim 0 (splits in rows, None = even); returns the `Work`."""
     try:
         return dist.all_to_all_single(
-            recv, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group, async_op=True
+            wire(recv),
+            wire(send),
+            output_split_sizes=recv_splits,
+            input_split_sizes=send_splits,
+            group=group,
+            async_op=True,
         )
     except Exception as exc:
         raise EPCommError(f"{step}: {type(exc).__name__}: {exc}") from exc
 
 
 def all_to_all(group, recv, send, recv_splits, send_splits, timeout: datetime.timedelta | None, step: str) -> None:
-    """Synchronous uneven `all_to_all_single` with a timeout."""
+    """Synchronous `all_to_all_single` with a timeout."""
     wait_work(start_all_to_all(group, recv, send, recv_splits, send_splits, step), timeout, step)
 
 
@@ -94,11 +66,6 @@ def gather_headers(group, header: torch.Tensor, num_ranks: int, timeout, step: s
     recv = torch.empty_like(send)
     all_to_all(group, recv, send, None, None, timeout, step)
     return recv.view(num_ranks, -1)
-
-
-def wire(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor as gloo can move it: 1-byte types (fp8) travel as uint8, the rest as themselves."""
-    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
 
 
 def start_send(group, tensor: torch.Tensor, peer: int, tag: int, step: str):
@@ -117,9 +84,49 @@ def start_recv(group, tensor: torch.Tensor, peer: int, tag: int, step: str):
         raise EPCommError(f"{step}: {type(exc).__name__}: {exc}") from exc
 
 
-def split_offsets(splits) -> list[int]:
-    """`[0, s0, s0+s1, ...]`: where each peer's rows start (and the total at the end)."""
-    out = [0]
-    for s in splits:
-        out.append(out[-1] + int(s))
-    return out
+def peers_of(rank: int, num_ranks: int) -> list[int]:
+    """Every other rank, starting after `rank`: staggered, so the ranks do not all start on the same peer."""
+    return [(rank + d) % num_ranks for d in range(1, num_ranks)]
+
+
+def post_exchange(comm, fields, send_splits, recv_splits, step: str) -> dict[int, list]:
+    """Start moving `fields`, `(send, recv)` pairs of row-grouped tensors; returns `{peer: [Work, ...]}`.
+
+    `send` is a tensor in send order, or a function `rows(a, b)` that returns send-order rows a..b (gathering them
+    just before they leave). With `comm.p2p` each peer's rows go in their own send/receive (tag = field index), a
+    peer's rows are gathered right before its send, so the socket copies them while they are still in cache, and
+    the rows this rank keeps are not moved: the caller writes them into `recv` itself. Otherwise each field is one
+    `all_to_all_single` whose send tensor holds every row, this rank's own included; its works are under key -1.
+    """
+    if not comm.p2p:
+        n = sum(send_splits)
+        sends = [s(0, n) if callable(s) else s for s, _ in fields]
+        return {
+            -1: [
+                start_all_to_all(comm.group, r, s, recv_splits, send_splits, step)
+                for s, (_, r) in zip(sends, fields, strict=True)
+            ]
+        }
+    send_off, recv_off = split_offsets(send_splits), split_offsets(recv_splits)
+    works: dict[int, list] = {}
+    peers = peers_of(comm.rank, comm.group_size)
+    for j in peers:  # receives first, so every send finds its receive posted
+        if recv_splits[j]:
+            a, b = recv_off[j], recv_off[j + 1]
+            works[j] = [start_recv(comm.group, r[a:b], j, tag, step) for tag, (_, r) in enumerate(fields)]
+    sends = []
+    for j in peers:
+        a, b = send_off[j], send_off[j + 1]
+        if b > a:
+            for tag, (s, _) in enumerate(fields):
+                sends.append(start_send(comm.group, s(a, b) if callable(s) else s[a:b], j, tag, step))
+    works[comm.group_size] = sends  # after every receive, in `wait_all`'s order
+    return works
+
+
+def wait_all(works: dict[int, list], timeout, step: str) -> None:
+    """Wait for every Work of `post_exchange`, receives before sends; each exactly once (gloo's point-to-point
+    Work waits for one more message each time it is waited on), so the dict is emptied."""
+    for key in sorted(works):
+        for w in works.pop(key):
+            wait_work(w, timeout, step)
