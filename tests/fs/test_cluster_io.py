@@ -56,6 +56,23 @@ def test_write_read_roundtrip_odd_sizes(fs, seed):
         assert sha(fs.read_bytes(f"/rt/f{n}")) == sha(data)
 
 
+def test_large_chunks_roundtrip_and_overwrite(fs, seed):
+    """2 MiB chunks (block writes on the storage I/O threads, O_DIRECT from the receive buffers) and a partial
+    overwrite of one of them (a read-modify-write into a fresh block), checked against the bytes written."""
+    rng = random.Random(seed)
+    big = 2 << 20
+    data = bytearray(rng.randbytes(2 * big + 4097))
+    with fs.open("/big_chunks.bin", "wb", chunk_size=big) as f:
+        assert f.write(data) == len(data)
+    patch = rng.randbytes(1000)
+    with fs.open("/big_chunks.bin", "r+b") as f:
+        f.pwrite(patch, big + 12345)
+    data[big + 12345 : big + 13345] = patch
+    assert sha(fs.read_bytes("/big_chunks.bin")) == sha(bytes(data))
+    with fs.open("/big_chunks.bin", "rb") as f:
+        assert f.pread(3000, big - 1500) == bytes(data[big - 1500 : big + 1500])
+
+
 def test_pread_pwrite_against_local_file(fs, tmp_path, seed):
     """Random overwrites, sparse extensions and reads at odd offsets, mirrored on a local file."""
     rng = random.Random(seed)
@@ -465,8 +482,8 @@ def test_readinto_receives_in_place_against_local_file(fs, tmp_path, seed):
 
 
 def test_cold_reads_from_evicted_chunk_files(cluster, fs, seed):
-    """Chunk files dropped from the page cache (the storage reads them in on an I/O thread, then sends them with
-    sendfile) read back byte for byte, whole chunks and partial ones alike."""
+    """Block files dropped from the page cache (the storage sends whole chunks with sendfile straight from the
+    disk, partial ones with a read on an I/O thread) read back byte for byte, whole chunks and partial ones alike."""
     data = random.Random(seed).randbytes(7 * CHUNK + 321)
     fs.write_bytes("/cold.bin", data)
     os.sync()

@@ -1,4 +1,4 @@
-"""The chunk engine (copy-on-write data files + SQLite metadata), the update rules and the resync diff rule."""
+"""The chunk engine (copy-on-write blocks + SQLite metadata), the update rules and the resync diff rule."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 
+from seekstack.fs.storage.blocks import NONE
 from seekstack.fs.storage.engine import ChunkEngine, apply_update
 from seekstack.fs.storage.resync import needs_send
 
@@ -27,51 +28,73 @@ def test_pending_commit_abort_and_versions(tmp_path):
     assert eng.read(CID) == b"one" and eng.get(CID).pending == 0
     eng.set_pending(CID, 2, b"two!", chain_ver=4)
     eng.commit(CID, 2)
-    assert eng.read(CID, 1, 2) == b"wo"
-    assert sorted(os.listdir(tmp_path / "data")) == [f"{CID}.2"]  # the old version's file is gone
-    eng.set_pending(CID, 3, None, chain_ver=4)  # pending removal
+    assert eng.read(CID, 1, 2) == b"wo" and eng.read(CID, 3) == b"!"
+    assert eng.blocks.used_count() == 1  # the old version's and the aborted attempt's blocks are free again
+    eng.set_pending(CID, 3, b"", chain_ver=4)  # empty content: no block at all
     eng.commit(CID, 3)
-    assert eng.get(CID) is None and os.listdir(tmp_path / "data") == []
+    assert eng.read(CID) == b"" and eng.get(CID).blk == NONE and eng.blocks.used_count() == 0
+    eng.set_pending(CID, 4, None, chain_ver=4)  # pending removal
+    eng.commit(CID, 4)
+    assert eng.get(CID) is None and eng.blocks.used_count() == 0
 
 
-def test_data_written_apart_and_fd_outlives_commit(tmp_path):
-    """The service writes a version's file on an I/O thread (write_version), then records it
-    (set_pending(written=True)); a reader's fd opened before a newer commit still reads its own version."""
+def test_block_written_apart_and_held_block_outlives_commit(tmp_path):
+    """The service reserves a block (set_pending(write=False)) and writes it after forwarding (write_block); a
+    block a reader holds keeps its bytes through newer commits and is reused only once released."""
     eng = ChunkEngine(str(tmp_path))
     eng.set_pending(CID, 1, b"first", chain_ver=1)
     eng.commit(CID, 1)
-    fd = eng.open_version(CID, 1)
-    try:
-        eng.set_pending(CID, 2, b"stale attempt", chain_ver=1)  # left pending, as by a crash mid-write
-        eng.write_version(CID, 2, b"second")  # same version number: must survive set_pending
-        eng.set_pending(CID, 2, b"second", chain_ver=1, crc=zlib.crc32(b"second"), written=True)
-        eng.commit(CID, 2)
-        assert eng.read(CID) == b"second" and eng.get(CID).crc == zlib.crc32(b"second")
-        assert sorted(os.listdir(tmp_path / "data")) == [f"{CID}.2"]  # version 1 unlinked ...
-        assert os.pread(fd, 100, 0) == b"first"  # ... yet the open fd still reads it
-    finally:
-        os.close(fd)
+    c = eng.get(CID)
+    fd, off = eng.hold(c)
+    blk = eng.set_pending(CID, 2, b"second", chain_ver=1, crc=zlib.crc32(b"second"), write=False)
+    eng.write_block(blk, b"second")
+    eng.commit(CID, 2)
+    assert eng.read(CID) == b"second" and eng.get(CID).crc == zlib.crc32(b"second")
+    eng.set_pending(CID, 3, b"third", chain_ver=1)  # reuses version 2's block, not the held one
+    eng.commit(CID, 3)
+    assert eng.get(CID).blk not in (c.blk, eng.get(CID).pending_blk)
+    assert os.pread(fd, 5, off) == b"first"  # the held block still reads version 1
+    eng.release(c.blk)
+    assert eng.set_pending(CID, 4, b"fourth", chain_ver=1) == c.blk  # free again after the release
+    eng.commit(CID, 4)
+    assert eng.read(CID) == b"fourth" and eng.blocks.used_count() == 1
 
 
 def test_crash_between_data_and_metadata_leaves_no_garbage(tmp_path):
     eng = ChunkEngine(str(tmp_path))
     eng.set_pending(CID, 1, b"committed", chain_ver=1)
     eng.commit(CID, 1)
-    (tmp_path / "data" / f"{CID}.7").write_bytes(b"written, never recorded")  # the process died here
+    eng.set_pending(CID, 2, b"pending when the process died", chain_ver=1)
+    orphan = eng.blocks.allocate(100)
+    eng.blocks.write(orphan, b"x" * 100)  # written, never recorded: the process died here
     eng.close()
     eng = ChunkEngine(str(tmp_path))  # restart
-    assert os.listdir(tmp_path / "data") == [f"{CID}.1"]
-    assert eng.read(CID) == b"committed"
+    assert eng.read(CID) == b"committed" and eng.get(CID).pending == 0  # a pending version dies with the process
+    assert eng.blocks.used_count() == 1  # the pending block and the orphan are free again
+    eng.set_pending(CID, 2, b"next", chain_ver=1)
+    eng.commit(CID, 2)
+    assert eng.read(CID) == b"next" and eng.blocks.used_count() == 1
 
 
 def test_replace_and_dump(tmp_path):
     eng = ChunkEngine(str(tmp_path))
     eng.set_pending(CID, 4, b"stale", chain_ver=1)
-    eng.replace(CID, 4, b"fresh", chain_ver=2)  # same version number, other bytes: written aside, renamed over
+    eng.replace(CID, 4, b"fresh", chain_ver=2)  # same version number, other bytes
     assert eng.read(CID) == b"fresh"
     assert eng.dump() == {CID: [2, 4, 0, zlib.crc32(b"fresh")]}
+    assert eng.blocks.used_count() == 1
     eng.replace(CID, 0, None, chain_ver=2)
-    assert eng.dump() == {} and os.listdir(tmp_path / "data") == []
+    assert eng.dump() == {} and eng.blocks.used_count() == 0
+
+
+def test_older_store_is_refused(tmp_path):
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "meta.db")
+    conn.execute("CREATE TABLE chunks (id TEXT PRIMARY KEY, chain_ver INTEGER)")
+    conn.close()
+    with pytest.raises(RuntimeError, match="older seekstack"):
+        ChunkEngine(str(tmp_path))
 
 
 def test_apply_update():
@@ -118,5 +141,21 @@ def test_row_cache_matches_the_database(tmp_path, seed):
         elif op >= 0.85:
             eng.replace(cid, rng.randrange(1, 9), None if rng.random() < 0.2 else rng.randbytes(9), chain_ver=2)
         fresh = ChunkEngine.__new__(ChunkEngine)
-        fresh.conn, fresh._rows = eng.conn, {}
-        assert [eng.get(x) for x in cids] == [fresh.get(x) for x in cids]
+        fresh.conn, fresh._rows, fresh._pend = eng.conn, {}, {}
+        named = {b for r in eng.conn.execute("SELECT blk, pending_blk FROM chunks") for b in r}
+        for x in cids:
+            mine, disk = eng.get(x), fresh.get(x)
+            if mine is not None and mine.pending:  # pending versions live in memory: the database has the base
+                if mine.committed:
+                    got = (disk.committed, disk.length, disk.crc, disk.blk)
+                    assert got == (mine.committed, mine.length, mine.crc, mine.blk)
+                else:
+                    assert disk is None
+                named.add(mine.pending_blk)
+            else:
+                assert mine == disk
+        assert eng.blocks.used_count() == len(named - {NONE})  # no block leaked or shared
+        for x in cids:
+            c = eng.get(x)
+            if c is not None and c.committed:
+                assert zlib.crc32(eng.read(x)) == c.crc

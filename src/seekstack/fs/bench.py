@@ -4,15 +4,27 @@ measured in the same run, with the fs and local passes interleaved so machine no
 
 Every throughput row compares like with like:
 
-* write, page cache — a new file written with no fsync on either side (the storage services write chunk files
-  through the page cache too; an acknowledged write survives kill -9 of any process, not a power cut).
+* write, page cache — a new file written with no fsync on either side. The storage services write chunk blocks
+  with O_DIRECT, as 3FS's chunk engine does (no page-cache copy), so their bytes are already with the device when
+  a write is acknowledged; the local file only reaches the page cache. Not a target: the durable row is the fair
+  one.
 * write, durable — the same, then until the bytes are on disk: `fsync` of the local file vs `syncfs` of the file
-  system holding the storage targets (three replicas: three times the bytes).
-* read, cold — the file's pages evicted before every pass on both sides (`posix_fadvise(DONTNEED)` on every file
-  of the local copy and of the cluster: chunk files and the storage/meta databases), so both read from the disk.
+  system holding the storage targets (three replicas: three times the bytes on the same disk, which alone caps
+  this ratio below ~0.5 on a disk that writes ~1.5 GB/s).
+* read, cold — before every cold pass of either side, the pages of every file of both sides are evicted
+  (`posix_fadvise(DONTNEED)` on the local copies and on the cluster's block files and storage/meta databases), so
+  both read from the disk, into memory the VM has just freed (evicting only the reader's own files handed the
+  local side, whose file was cached, that memory while the cluster's O_DIRECT-written blocks freed none; this VM
+  returns freed memory to its host, and filling memory fresh from the host is ~10x slower: the cluster's cold
+  read ran 2x slower then).
 * read, warm — both read what the page cache already holds.
 * Reads on both sides use `readinto` of one reused buffer (the client receives each chunk straight into it).
 * O_DIRECT rows (not targets): the raw disk with no page cache at all, for scale.
+
+The cluster uses 4 MiB chunks by default (`--chunk-kb`): chunk size is a per-directory setting in 3FS, whose chunk
+engine keeps blocks of 64 KiB to 64 MiB; with 1 MiB chunks (the cluster's default, as in 3FS's deploy example)
+every chunk costs an RPC per hop, and the cold-read ratio drops ~10 %, the durable write ~5 % (docs/performance.md
+has both).
 
 Targets from the issue: read >= 50 % of the local-disk read rate; write >= 25 % of the local-disk write rate.
 """
@@ -35,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="seekstack bench fs")
     p.add_argument("--size-mb", type=int, default=64, help="bytes per sequential pass")
     p.add_argument("--block-mb", type=int, default=8, help="bytes per write()/read() call")
-    p.add_argument("--chunk-kb", type=int, default=1024, help="file chunk size")
+    p.add_argument("--chunk-kb", type=int, default=4096, help="file chunk size (see the module docstring)")
     p.add_argument("--files", type=int, default=200, help="small files for the create/stat rates")
     p.add_argument("--storage-nodes", type=int, default=3)
     p.add_argument("--replicas", type=int, default=3)
@@ -100,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     report.note(
         "page cache: no fsync on either side; durable: + fsync(local file) vs + syncfs(cluster's file system); "
-        "cold: posix_fadvise(DONTNEED) on every local / cluster file before each pass; warm: cached on both sides."
+        "cold: posix_fadvise(DONTNEED) on every local and cluster file before each cold pass (either side); "
+        "warm: cached on both sides."
     )
     report.note("targets: " + "; ".join(verdicts))
     report.emit()
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _syncfs(path: str) -> None:
-    """Flush every dirty page of the file system holding `path` (all of the cluster's chunk files)."""
+    """Flush every dirty page of the file system holding `path` (all of the cluster's block files)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
@@ -211,13 +224,22 @@ def _throughput(fs, cluster_dir: str, local_dir: str, data: bytes, block: int, r
     def nothing():
         pass
 
+    def evict_both():
+        # Both sides' files, before either side's cold pass: the pages a cold read fills come from memory the
+        # VM freed just before (the evicted files) or from memory its host has to fault in again (~10x the CPU,
+        # see storage/blocks.py), and evicting only the reader's own files gave the local side, whose file was
+        # cached, that warm memory while the cluster's blocks (written with O_DIRECT) left it none: its cold
+        # read ran 2x slower after a local pass that had taken the free warm memory.
+        _evict(cluster_dir)
+        _evict(local_dir)
+
     cases = [  # (name, setup, timed pass); fs and local alternate so load from elsewhere hits both alike
         ("fs_write", new_fs, fs_write),
         ("local_write", new_local, local_write),
         ("fs_write_sync", new_fs, lambda: fs_write(True)),
         ("local_write_sync", new_local, lambda: local_write(True)),
-        ("fs_read_cold", lambda: _evict(cluster_dir), fs_read),
-        ("local_read_cold", lambda: _evict(local_dir), local_read),
+        ("fs_read_cold", evict_both, fs_read),
+        ("local_read_cold", evict_both, local_read),
         ("fs_read_warm", fs_read, fs_read),  # the setup pass warms the cache
         ("local_read_warm", local_read, local_read),
     ]

@@ -8,9 +8,8 @@ import asyncio
 import errno
 import random
 import time
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 
+from seekstack.fs.crc import crc32
 from seekstack.fs.meta.layout import Layout, chunk_id, parse_chunk_id
 from seekstack.fs.protocol import ClientPool, RpcError
 from seekstack.fs.routing import RoutingCache
@@ -24,17 +23,6 @@ RETRYABLE = {
     errno.EAGAIN,
     errno.ENOENT,
 }
-
-
-CRC_THREAD_MIN = 256 << 10
-_CRC_POOL: ThreadPoolExecutor | None = None
-
-
-def _crc_pool() -> ThreadPoolExecutor:
-    global _CRC_POOL
-    if _CRC_POOL is None:
-        _CRC_POOL = ThreadPoolExecutor(4, thread_name_prefix="seekstack-fs-crc")
-    return _CRC_POOL
 
 
 class ChunkIO:
@@ -112,10 +100,9 @@ class ChunkIO:
             meta, data = await self.pool.get(t["addr"]).call_data(
                 "read", target=t["id"], chunk=chunk, offset=offset, length=length, into=dest
             )
-            if len(data) >= CRC_THREAD_MIN:  # zlib releases the GIL: check on a thread while the loop receives more
-                crc = await asyncio.get_running_loop().run_in_executor(_crc_pool(), zlib.crc32, data)
-            else:
-                crc = zlib.crc32(data)
+            crc = meta.get("crc_rx")  # computed while the payload arrived in `dest`
+            if crc is None:
+                crc = crc32(data)
             if crc != meta["crc"]:
                 raise RpcError(errno.EAGAIN, f"checksum mismatch reading {chunk} from target {t['id']}")
             return data

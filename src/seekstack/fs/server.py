@@ -127,8 +127,9 @@ def _profiler(name: str):
     if not out:
         return None
     import cProfile
+    import time
 
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.thread_time)  # CPU time of the loop thread: idle waits and preemption left out
     prof.enable()
 
     def dump():
