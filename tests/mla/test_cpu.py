@@ -104,6 +104,7 @@ def test_memory_is_bounded_by_the_step(gen):
     buffers = cpu_path._workspace.__dict__.get("buffers", {})
     sizes = {name: buf.numel() for (name, *_), buf in buffers.items()}
     assert sizes["keys"] <= step * 576 and sizes["rows"] <= step * 576
+    assert sizes["scores"] <= step * 16 and sizes["probs"] <= step * 16  # [tokens, rows] of one step
     assert int(case.cache_seqlens.sum()) > 10 * step
 
 
@@ -114,3 +115,57 @@ def test_short_requests_with_big_pages_stay_within_the_step(gen):
     run_both(case, tokens_per_step=256)
     rows = [buf for (name, *_), buf in cpu_path._workspace.__dict__["buffers"].items() if name == "rows"]
     assert rows[0].numel() <= 256 * 576
+
+
+def _contiguous(case):
+    """The same problem with each request's blocks laid out one after another in the cache (block table = arange),
+    unused blocks still NaN: how an engine that allocates pages in runs leaves them."""
+    bt = case.block_table.long()
+    b, per_seq = bt.shape
+    page = case.k_cache.shape[1]
+    cache = torch.full((b * per_seq, *case.k_cache.shape[1:]), float("nan"), dtype=case.k_cache.dtype)
+    for i in range(b):
+        used = -(-int(case.cache_seqlens[i]) // page)
+        cache[i * per_seq : i * per_seq + used] = case.k_cache[bt[i, :used]]
+    case.k_cache = cache
+    case.block_table = torch.arange(b * per_seq, dtype=torch.int32).view(b, per_seq)
+    return case
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_contiguous_pages_are_read_in_place(gen, block_size):
+    """Chunks whose pages are consecutive in the cache are read with no gather (no "rows" buffer is ever used)."""
+    case = _contiguous(make_case(3, 2, 16, 1, 300, block_size=block_size, causal=True, generator=gen))
+    cpu_path._workspace.__dict__.pop("buffers", None)
+    (out, _), _ = run_both(case, tokens_per_step=128)  # every request spans several steps: one request per step
+    assert not out.isnan().any()
+    names = {name for name, *_ in cpu_path._workspace.__dict__["buffers"]}
+    assert "keys" in names and "rows" not in names
+
+
+def test_some_contiguous_runs(gen):
+    """A table mixing runs and scattered pages: runs are read in place, the rest gathered, the result the same."""
+    case = _contiguous(make_case(4, 1, 16, 2, 400, block_size=16, varlen=True, zero_lengths=1, generator=gen))
+    case.block_table[1] = case.block_table[1].flip(0)  # request 1: pages in reverse, no longer a run
+    case.k_cache[case.block_table[1].long()] = case.k_cache[case.block_table[1].flip(0).long()].clone()
+    (out, _), _ = run_both(case, tokens_per_step=96)
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_many_short_requests_share_a_step(gen, s_q, causal):
+    """More than ITEM_LOOP_MAX requests in one step: padding and masks are vectorised, results scattered at once."""
+    case = make_case(80, s_q, 16, 1, 12, block_size=1, varlen=True, zero_lengths=3, causal=causal, generator=gen)
+    p = validate(*case.args(), None, **case.kwargs())
+    plan = cpu_path._Decode(p, cpu_path.DEFAULT_TOKENS_PER_STEP).plan
+    assert max(grp.r1 - grp.r0 for grp in plan.groups) > cpu_path.ITEM_LOOP_MAX
+    assert any(min(grp.lens) < grp.length for grp in plan.groups)  # some padding to mask
+    run_both(case)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 20, 32, 64])
+@pytest.mark.parametrize("keys", [1, 5, 64, 67])
+def test_max_over_keys(rows, keys):
+    scores = torch.randn(3, 2, keys + 5, rows)[:, :, :keys]  # a slice, as the step buffers are
+    assert torch.equal(cpu_path._max_over_keys(scores), scores.amax(dim=-2, keepdim=True))

@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["seekstack.mla", "seekstack.mla.interface", "seekstack.mla.metadata",
-                                    "seekstack.mla.fp8_cache"])  # fmt: skip
+                                    "seekstack.mla.fp8_cache", "seekstack.mla.cpu_plan"])  # fmt: skip
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
