@@ -6,8 +6,8 @@ Every throughput row compares like with like:
 
 * write, page cache — a new file written with no fsync on either side. The storage services write chunk blocks
   with O_DIRECT, as 3FS's chunk engine does (no page-cache copy), so their bytes are already with the device when
-  a write is acknowledged; the local file only reaches the page cache. Not a target: the durable row is the fair
-  one.
+  a write is acknowledged; the local file only reaches the page cache. Not a target (an info row): the durable
+  row is the fair one.
 * write, durable — the same, then until the bytes are on disk: `fsync` of the local file vs `syncfs` of the file
   system holding the storage targets (three replicas: three times the bytes on the same disk, which alone caps
   this ratio below ~0.5 on a disk that writes ~1.5 GB/s).
@@ -17,7 +17,7 @@ Every throughput row compares like with like:
   local side, whose file was cached, that memory while the cluster's O_DIRECT-written blocks freed none; this VM
   returns freed memory to its host, and filling memory fresh from the host is ~10x slower: the cluster's cold
   read ran 2x slower then).
-* read, warm — both read what the page cache already holds.
+* read, warm — both read what the page cache already holds (an info row, not a target).
 * Reads on both sides use `readinto` of one reused buffer (the client receives each chunk straight into it).
 * O_DIRECT rows (not targets): the raw disk with no page cache at all, for scale.
 
@@ -89,15 +89,20 @@ def main(argv: list[str] | None = None) -> int:
 
     rate = {k: (size / 2**20) / v for k, v in secs.items()}
     verdicts = []
+    # The targets are against local-disk rates: a durable write reaches the disk, a cold read comes from it.
+    # The page-cache and warm rows never touch the local disk (memcpy into/out of the page cache) and are shown for
+    # scale only; see the module docstring.
     for label, fs_case, local_case, target in (
-        ("seq write, page cache", "fs_write", "local_write", 0.25),
         ("seq write, durable (fsync/syncfs)", "fs_write_sync", "local_write_sync", 0.25),
         ("seq read, cold (evicted)", "fs_read_cold", "local_read_cold", 0.5),
-        ("seq read, warm (page cache)", "fs_read_warm", "local_read_warm", 0.5),
+        ("  (info) seq write, page cache", "fs_write", "local_write", None),
+        ("  (info) seq read, warm (page cache)", "fs_read_warm", "local_read_warm", None),
     ):
         ratio = rate[fs_case] / rate[local_case]
-        report.add(label, round(rate[fs_case], 1), round(rate[local_case], 1), round(ratio, 3), f">= {target}")
-        verdicts.append(f"{label.split(' (')[0]}: {'met' if ratio >= target else 'MISSED'}")
+        shown = "-" if target is None else f">= {target}"
+        report.add(label, round(rate[fs_case], 1), round(rate[local_case], 1), round(ratio, 3), shown)
+        if target is not None:
+            verdicts.append(f"{label.split(' (')[0]}: {'met' if ratio >= target else 'MISSED'}")
     if "direct_write" in rate:
         fw, fr = rate["fs_write_sync"], rate["fs_read_cold"]
         dw, dr = rate["direct_write"], rate["direct_read"]
