@@ -4,6 +4,9 @@ SQLite.
 Updates are copy-on-write, as in 3FS: a pending version is written to a fresh block and kept in memory; commit is
 one metadata statement (the row now names the new block) after which the old version's block is freed. So the
 metadata always names complete blocks, and a crash leaves at worst unreferenced blocks, free again at start-up.
+A freed block's disk space is given back (a punched hole, `blocks.py`) a moment later, so every `free` here comes
+after the statement that stops naming the block: a kill -9 in between leaves a stale free block, never a hole
+where committed data should be.
 
 >>> import tempfile
 >>> eng = ChunkEngine(tempfile.mkdtemp())
