@@ -98,11 +98,10 @@ def test_non_contiguous_cache(gen):
 def test_memory_is_bounded_by_the_step(gen):
     """However long the batch, the gathered keys never exceed one step of tokens."""
     step = 256
-    cpu_path._workspace.__dict__.pop("buffers", None)  # earlier tests grew it
+    cpu_path.clear_workspace()  # earlier tests grew it
     case = make_case(6, 1, 16, 1, 2000, varlen=True, generator=gen)
     run_both(case, tokens_per_step=step)
-    buffers = cpu_path._workspace.__dict__.get("buffers", {})
-    sizes = {name: buf.numel() for (name, *_), buf in buffers.items()}
+    sizes = cpu_path.workspace_sizes()  # per thread (the lanes each have their own)
     assert sizes["keys"] <= step * 576 and sizes["rows"] <= step * 576
     assert sizes["scores"] <= step * 16 and sizes["probs"] <= step * 16  # [tokens, rows] of one step
     assert int(case.cache_seqlens.sum()) > 10 * step
@@ -110,11 +109,10 @@ def test_memory_is_bounded_by_the_step(gen):
 
 def test_short_requests_with_big_pages_stay_within_the_step(gen):
     """Dense groups gather whole pages: 200 one-token requests on 64-token pages must not gather 200 pages."""
-    cpu_path._workspace.__dict__.pop("buffers", None)
+    cpu_path.clear_workspace()
     case = make_case(200, 1, 16, 1, 1, block_size=64, generator=gen)
     run_both(case, tokens_per_step=256)
-    rows = [buf for (name, *_), buf in cpu_path._workspace.__dict__["buffers"].items() if name == "rows"]
-    assert rows[0].numel() <= 256 * 576
+    assert 0 < cpu_path.workspace_sizes()["rows"] <= 256 * 576
 
 
 def _contiguous(case):
@@ -136,10 +134,10 @@ def _contiguous(case):
 def test_contiguous_pages_are_read_in_place(gen, block_size):
     """Chunks whose pages are consecutive in the cache are read with no gather (no "rows" buffer is ever used)."""
     case = _contiguous(make_case(3, 2, 16, 1, 300, block_size=block_size, causal=True, generator=gen))
-    cpu_path._workspace.__dict__.pop("buffers", None)
+    cpu_path.clear_workspace()
     (out, _), _ = run_both(case, tokens_per_step=128)  # every request spans several steps: one request per step
     assert not out.isnan().any()
-    names = {name for name, *_ in cpu_path._workspace.__dict__["buffers"]}
+    names = set(cpu_path.workspace_sizes())
     assert "keys" in names and "rows" not in names
 
 
@@ -169,3 +167,29 @@ def test_many_short_requests_share_a_step(gen, s_q, causal):
 def test_max_over_keys(rows, keys):
     scores = torch.randn(3, 2, keys + 5, rows)[:, :, :keys]  # a slice, as the step buffers are
     assert torch.equal(cpu_path._max_over_keys(scores), scores.amax(dim=-2, keepdim=True))
+
+
+def test_lanes_keep_a_long_request_in_order_and_match_one_thread(gen):
+    """Lanes (one torch thread each) and the single-thread path give the same result within the reference's
+    tolerances; a long request's chunks stay in one unit, in order."""
+    case = make_case(8, 2, 128, 1, 400, block_size=16, zero_lengths=1, causal=True, generator=gen)  # ~8 ms of work
+    p = validate(*case.args(), None, **case.kwargs())
+    run = cpu_path._Decode(p, 128)
+    units = cpu_path._lane_units(run.plan, p.rows)
+    assert len(units) >= 2 and sorted(n for u in units for n in u) == list(range(len(run.plan.groups)))
+    for unit in units:
+        assert unit == sorted(unit) and len({run.plan.groups[n].r0 for n in unit}) == 1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = run_both(case, tokens_per_step=128)
+    finally:
+        torch.set_num_threads(threads)
+    lanes, _ = run_both(case, tokens_per_step=128)
+    assert torch.get_num_threads() == threads
+    check_decode(*lanes, *one)
+
+
+def test_one_dominant_request_runs_without_lanes():
+    plan = cpu_path.make_plan([4000, 10, 10], step=512, page=1)
+    assert cpu_path._lane_units(plan, 128) == []

@@ -8,6 +8,10 @@ time. The chunks of a long request are attended one after another with an online
 earlier sums rescaled); a request that fits in one step needs none. Pages that are consecutive in the cache are
 read in place, with no gather.
 
+With 2 or more torch threads the steps run in lanes: worker threads of one torch thread each take the costliest
+unit left (a short-request step, or all chunks of a long request), since MKL splits these small-M matmuls poorly
+over cores (see `_lane_units`). Each lane has its own buffers; results go to disjoint rows.
+
 Layout inside: rows = s_q * h_q / h_kv query rows share each KV head (FlashMLA's "M"); a step's keys are
 [requests, h_kv, keys, d] and its scores [requests, h_kv, keys, rows].
 
@@ -19,7 +23,10 @@ and a bf16 matmul rounds the scores to bf16), softmax and masks ~60 ns. At h_q =
 
 from __future__ import annotations
 
+import copy
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -41,7 +48,35 @@ STEP_OVERHEAD_S, KEY_COST_S, KEY_ROW_COST_S = 80e-6, 330e-9, 9e-9
 # d = 576) when many short requests would otherwise share a step.
 MAX_STEP_ROWS = 8192
 
+# Lanes (see _lane_units) are used unless one unit holds more than this share of the estimated work: 2 lanes then
+# take at least that share of the single-lane time, while 2 threads in each op take ~55-65 % of it.
+LANE_MAX_SHARE = 0.6
+# ... and unless the whole call is small (cost model above): at h_q = 16, b = 16, s_k = 256 (2-3 ms estimated) lanes
+# ran at 11-13 % (s_q = 1) and 16-18 % (s_q = 2) of the roofline against 14 % and 22 % without (the hand-off, and
+# the lanes' per-op overhead under the GIL). h_q = 128 at s_k = 256 (~6 ms) and h_q = 16 at 1024 (~8 ms) gain.
+LANE_MIN_COST_S = 5e-3
+
 _workspace = threading.local()
+_all_workspaces: list[dict] = []  # every thread's buffers, for workspace_sizes / clear_workspace
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def workspace_sizes() -> dict[str, int]:
+    """The largest per-thread buffer of each name (elements), over the threads that have run the CPU path."""
+    sizes: dict[str, int] = {}
+    with _executor_lock:
+        for store in _all_workspaces:
+            for (name, *_), buf in list(store.items()):
+                sizes[name] = max(sizes.get(name, 0), buf.numel())
+    return sizes
+
+
+def clear_workspace() -> None:
+    """Drop every thread's buffers (they regrow on the next call)."""
+    with _executor_lock:
+        for store in _all_workspaces:
+            store.clear()
 
 
 def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -52,7 +87,11 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     for s in shape:
         numel *= s
     key = (name, dtype, device)
-    store = _workspace.__dict__.setdefault("buffers", {})
+    store = getattr(_workspace, "buffers", None)
+    if store is None:
+        store = _workspace.buffers = {}
+        with _executor_lock:
+            _all_workspaces.append(store)
     buf = store.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
@@ -262,9 +301,67 @@ def mla_decode_cpu(p: DecodeProblem, tokens_per_step: int = DEFAULT_TOKENS_PER_S
     if tokens_per_step < 1:
         raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
     run = _Decode(p, tokens_per_step)
-    for n_group, grp in enumerate(run.plan.groups):
-        run.attend(n_group, grp)
+    threads = torch.get_num_threads()
+    units = _lane_units(run.plan, p.rows) if threads > 1 and p.q.device.type == "cpu" else []
+    if len(units) < 2:
+        for n_group, grp in enumerate(run.plan.groups):
+            run.attend(n_group, grp)
+        return run.finish()
+    # Each lane has its own accumulators and query cache (a shallow copy); results go to disjoint rows of out / lse.
+    queue = deque(units)
+    futures = [_pool(threads).submit(_lane, copy.copy(run), queue) for _ in range(min(threads, len(units)))]
+    try:
+        for f in futures:
+            f.result()
+    finally:
+        # The lanes set one thread each, and torch.set_num_threads also sets MKL's process-wide count: restore it.
+        torch.set_num_threads(threads)
     return run.finish()
+
+
+def _lane_units(plan, rows: int) -> list[list[int]]:
+    """The plan's groups as units of work for lanes, costliest first (a long request's chunks form one unit, in
+    order); [] when one unit holds so much of the work that lanes would not pay.
+
+    Why lanes: MKL splits one fp32 matmul at the decode's shapes poorly over 2 cores. Keys [414, 576] x q^T [576, 128]
+    runs at 0.24 TFLOP/s on 2 threads but 0.15-0.17 on each of 2 single-threaded lanes (0.30-0.33 together, the
+    2048^2 square's rate on 2 threads); at [2048, 576] x [576, 128] 0.30 against 0.33. Lanes also run the
+    single-threaded parts (index_select, the bf16/fp32 conversions, per-op overhead) side by side."""
+    units: list[tuple[float, list[int]]] = []
+    for n, grp in enumerate(plan.groups):
+        cost = STEP_OVERHEAD_S + (grp.r1 - grp.r0) * grp.length * (KEY_COST_S + KEY_ROW_COST_S * rows)
+        if grp.chunk and grp.start > 0:  # a later chunk of the request the previous unit holds
+            units[-1] = (units[-1][0] + cost, units[-1][1] + [n])
+        else:
+            units.append((cost, [n]))
+    units.sort(key=lambda u: -u[0])
+    total = sum(c for c, _ in units)
+    if len(units) < 2 or units[0][0] > LANE_MAX_SHARE * total or total < LANE_MIN_COST_S:
+        return []
+    return [groups for _, groups in units]
+
+
+def _lane(run: _Decode, queue: deque) -> None:
+    """Attend units from the shared queue until it is empty: the lane that is free takes the next costliest unit, so
+    lanes stay balanced whatever a neighbour's load does to one of them."""
+    torch.set_num_threads(1)  # this thread's OpenMP count, and MKL's (restored by the caller)
+    while True:
+        try:
+            groups = queue.popleft()
+        except IndexError:
+            return
+        for n in groups:
+            run.attend(n, run.plan.groups[n])
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None or _executor._max_workers != threads:
+            if _executor is not None:
+                _executor.shutdown(wait=False)
+            _executor = ThreadPoolExecutor(threads, thread_name_prefix="seekstack-mla")
+        return _executor
 
 
 def _max_over_keys(scores: torch.Tensor) -> torch.Tensor:
