@@ -69,6 +69,13 @@ def layout_of(c: Ctx, idx, num_experts):
     return dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
 
 
+def routed_inputs(c: Ctx, hidden: int = 128, topk: int = 4):
+    """The usual case: this rank's odd token count, bf16 x, top-k routing and its dispatch layout."""
+    E, T = num_experts_for(c), num_tokens_for(c)
+    x, idx, w = make_inputs(c, T, hidden, E, topk)
+    return E, T, hidden, x, idx, w, layout_of(c, idx, E)
+
+
 def assert_equal(a, b, what: str) -> None:
     if isinstance(a, tuple):
         for i, (u, v) in enumerate(zip(a, b, strict=True)):
@@ -184,10 +191,7 @@ def check_dispatch_fp8(c: Ctx) -> None:
 
 
 def check_cached_dispatch(c: Ctx) -> None:
-    E = num_experts_for(c)
-    T, H = num_tokens_for(c), 128
-    x, idx, w = make_inputs(c, T, H, E, 4)
-    lay = layout_of(c, idx, E)
+    E, T, H, x, idx, w, lay = routed_inputs(c)
     recv_x, _, _, _, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
     again, ri, rw, cnt, h2, _ = c.buf.dispatch(x, handle=handle)
     assert torch.equal(again, recv_x) and ri is None and rw is None and cnt is None and h2 is None
@@ -200,10 +204,7 @@ def check_cached_dispatch(c: Ctx) -> None:
 def check_held_outputs_survive_later_calls(c: Ctx) -> None:
     # The Buffer reuses output memory across calls only when nothing else references it: outputs a caller still
     # holds must keep their values when later dispatches and combines run.
-    E = num_experts_for(c)
-    T, H = num_tokens_for(c), 128
-    x, idx, w = make_inputs(c, T, H, E, 4)
-    lay = layout_of(c, idx, E)
+    E, T, H, x, idx, w, lay = routed_inputs(c)
     recv_x, _, _, _, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
     combined, _, _ = c.buf.combine(recv_x, handle)
     snap_recv, snap_comb = recv_x.clone(), combined.clone()
@@ -217,10 +218,7 @@ def check_held_outputs_survive_later_calls(c: Ctx) -> None:
 
 
 def check_async_and_events(c: Ctx) -> None:
-    E = num_experts_for(c)
-    T, H = num_tokens_for(c), 128
-    x, idx, w = make_inputs(c, T, H, E, 4)
-    lay = layout_of(c, idx, E)
+    E, T, H, x, idx, w, lay = routed_inputs(c)
     sync = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
     prev = Buffer.capture()
     recv_x, recv_idx, recv_w, counts, handle, ev = c.buf.dispatch(
@@ -239,10 +237,7 @@ def check_async_and_events(c: Ctx) -> None:
 
 
 def check_worst_tokens_and_alignment(c: Ctx) -> None:
-    E = num_experts_for(c)
-    T, H = num_tokens_for(c), 128
-    x, idx, w = make_inputs(c, T, H, E, 4)
-    lay = layout_of(c, idx, E)
+    E, T, H, x, idx, w, lay = routed_inputs(c)
     base = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
     n = base[0].shape[0]
     worst = T * c.R + 5
@@ -398,10 +393,7 @@ def check_reduction_in_token_tiles(c: Ctx) -> None:
     still match the references bit for bit, biases included."""
     import seekstack.ep.reduce as reduce
 
-    E = num_experts_for(c)
-    T, H = num_tokens_for(c), 128
-    x, idx, w = make_inputs(c, T, H, E, 4)
-    lay = layout_of(c, idx, E)
+    E, T, H, x, idx, w, lay = routed_inputs(c)
     saved = reduce._TILE_BYTES
     reduce._TILE_BYTES = 4 * H * 3
     try:

@@ -1,4 +1,5 @@
-"""Fixtures: a PostgreSQL server started locally for the KV tests (skipped without the binaries)."""
+"""Fixtures: a PostgreSQL server started locally for the KV tests (skipped without the binaries), and a client of
+the module's own `cluster` fixture."""
 
 from __future__ import annotations
 
@@ -73,3 +74,11 @@ def postgres_url():
             cwd=root,
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fs(cluster):
+    """A client of the `cluster` fixture that the test module defines (its own shape of local cluster)."""
+    client = cluster.connect()
+    yield client
+    client.close()

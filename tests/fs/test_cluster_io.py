@@ -34,13 +34,6 @@ def cluster(tmp_path_factory):
         yield c
 
 
-@pytest.fixture(scope="module")
-def fs(cluster):
-    client = cluster.connect()
-    yield client
-    client.close()
-
-
 def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 

@@ -38,13 +38,6 @@ def cluster(tmp_path_factory):
         yield c
 
 
-@pytest.fixture(scope="module")
-def fs(cluster):
-    client = cluster.connect()
-    yield client
-    client.close()
-
-
 def _block_files(cluster) -> list[str]:
     return [str(p) for p in cluster.dir.glob("storage*/target*/blocks/k*.blk")]
 

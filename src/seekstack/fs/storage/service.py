@@ -373,22 +373,14 @@ class StorageNode:
         writers = [t for t in chain["targets"] if t["state"] in (SERVING, SYNCING)]
         if not writers or writers[0]["id"] != a["target"] or writers[0]["state"] != SERVING:
             raise stale(f"target {a['target']} is not the head of chain {a['chain']}")
-        return await self._apply_and_forward(
-            a["target"],
-            a["chain"],
-            a["chain_ver"],
-            a["chunk"],
-            a["op"],
-            a.get("offset", 0),
-            payload,
-            a["chunk_size"],
-            None,
-            False,
-            False,
-        )
+        return await self._apply_request(a, payload, head=True)
 
     async def h_forward(self, a, payload):
-        return await self._apply_and_forward(
+        return await self._apply_request(a, payload, head=False)
+
+    def _apply_request(self, a, payload, head: bool):
+        """A write (`head`: the chain's head picks the version) or a forwarded update, from its request fields."""
+        return self._apply_and_forward(
             a["target"],
             a["chain"],
             a["chain_ver"],
@@ -397,11 +389,11 @@ class StorageNode:
             a.get("offset", 0),
             payload,
             a["chunk_size"],
-            a["ver"],
-            a["full"],
-            a.get("remove", False),
-            a.get("base_crc", 0),
-            a.get("new_crc", 0),
+            None if head else a["ver"],
+            False if head else a["full"],
+            False if head else a.get("remove", False),
+            0 if head else a.get("base_crc", 0),
+            0 if head else a.get("new_crc", 0),
         )
 
     def _serving(self, tid: int):
