@@ -460,6 +460,45 @@ def check_follows_input_device(c: Ctx) -> None:
     assert torch.equal(count, want_count) and h[0].device == x.device
 
 
+def check_transport_in_use(c: Ctx) -> None:
+    """auto on a gloo group on one host is the shared-window path; explicit transports are what they say."""
+    E, T, H, x, idx, w, lay = routed_inputs(c)
+    c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+    uses_windows = c.buf._windows is not None
+    expected = c.buf.transport in ("auto", "shm") and dist.get_backend(c.buf.group) == "gloo"
+    assert uses_windows == expected, (c.buf.transport, uses_windows)
+    try:
+        Buffer(c.buf.group, transport="nvlink")
+    except ValueError as e:
+        assert "transport" in str(e)
+    else:
+        raise AssertionError("an unknown transport must raise ValueError")
+
+
+def check_window_growth_and_parity(c: Ctx) -> None:
+    """Windows grow when a call needs more than the last one and alternate between calls: a run of dispatch,
+    cached dispatch and combine calls of growing and shrinking sizes stays equal to the reference."""
+    E = num_experts_for(c)
+    for T, H in ((3, 128), (300, 1024), (5, 256), (700, 2048), (0, 128), (17, 384)):
+        x, idx, w = make_inputs(c, T, H, E, 4)
+        lay = layout_of(c, idx, E)
+        recv_x, recv_idx, recv_w, _, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+        ref_x, ref_idx, ref_w, _, state = reference_dispatch(c.buf.group, x, idx, w, E)
+        assert_equal(recv_x, ref_x, f"recv_x T={T} H={H}")
+        assert_equal(recv_idx, ref_idx, f"recv_topk_idx T={T}")
+        assert_equal(recv_w, ref_w, f"recv_topk_weights T={T}")
+        q, s = per_token_cast_to_fp8(x)
+        (cq, cs), *_ = c.buf.dispatch((q, s), handle=handle)
+        (fq, fs), *_ = reference_dispatch(c.buf.group, (q, s), idx, w, E)
+        assert_equal(cq.view(torch.uint8), fq.view(torch.uint8), f"cached fp8 recv_x T={T}")
+        assert_equal(cs, fs, f"cached fp8 scales T={T}")
+        y = (recv_x.float() * 0.5 - 1).to(torch.bfloat16)
+        combined, combined_w, _ = c.buf.combine(y, handle, topk_weights=recv_w)
+        ref_c, ref_cw = reference_combine(c.buf.group, y, state, T, recv_w)
+        assert_equal(combined, ref_c, f"combined T={T} H={H}")
+        assert_equal(combined_w, ref_cw, f"combined weights T={T}")
+
+
 def check_bad_inputs(c: Ctx) -> None:
     E = num_experts_for(c)
     x, idx, w = make_inputs(c, 9, 128, E, 4)
@@ -505,12 +544,12 @@ def check_mismatched_peer(c: Ctx) -> None:
 
 
 def check_stuck_peer_times_out(c: Ctx) -> None:
-    """A live peer that does not join: the waiting rank raises within the Buffer's timeout."""
+    """A live peer that does not join: the waiting rank raises within the Buffer's timeout (socket transport)."""
     E = num_experts_for(c)
     x, idx, _ = make_inputs(c, 11, 128, E, 4)
     lay = layout_of(c, idx, E)
     if c.rank == 0:
-        short = Buffer(c.buf.group, timeout_s=1.0)
+        short = Buffer(c.buf.group, timeout_s=1.0, transport="p2p")
         t0 = time.monotonic()
         try:
             short.dispatch(x, **lay)
@@ -527,10 +566,32 @@ def check_stuck_peer_times_out(c: Ctx) -> None:
     dist.barrier(group=c.buf.group)
 
 
+def check_stuck_peer_times_out_shm(c: Ctx) -> None:
+    """The same through shared windows: the exchange's barrier times out on the waiting rank."""
+    E = num_experts_for(c)
+    x, idx, _ = make_inputs(c, 11, 128, E, 4)
+    lay = layout_of(c, idx, E)
+    short = Buffer(c.buf.group, timeout_s=1.0, transport="shm")
+    short.dispatch(x, **lay)  # every rank: sets the windows up
+    if c.rank == 0:
+        t0 = time.monotonic()
+        try:
+            short.dispatch(x, **lay)
+        except EPCommError as e:
+            assert "token exchange (shared memory)" in str(e) and time.monotonic() - t0 < 10, e
+        else:
+            raise AssertionError("a stuck peer must make dispatch raise EPCommError")
+    else:
+        time.sleep(3.0)
+        short._windows.barrier(None, "late join")  # joins the exchange barrier rank 0 gave up on
+    dist.barrier(group=c.buf.group)
+
+
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]
-LAST_ONLY_2_RANKS = ["check_stuck_peer_times_out"]
+LAST_ONLY_2_RANKS = ["check_stuck_peer_times_out", "check_stuck_peer_times_out_shm"]
 # Peers that disagree or stall: gloo's error paths; NCCL reports those through its own watchdog.
 GLOO_ONLY = ["check_mismatched_peer", *LAST_ONLY_2_RANKS]
+SHM_ONLY = ["check_stuck_peer_times_out_shm"]
 
 
 def run_checks(
@@ -552,15 +613,20 @@ def run_checks(
     return results
 
 
-def dead_peer(rank: int, world_size: int, seed: int) -> dict[str, object]:
-    """Rank 1 joins the count exchange of a dispatch, then exits: rank 0 must get an error, not a hang."""
+def dead_peer(rank: int, world_size: int, seed: int, transport: str = "p2p") -> dict[str, object]:
+    """Rank 1 exits in the middle of a dispatch (p2p: after the count exchange; shm: after the windows are set up
+    and used once): rank 0 must get an error, not a hang."""
     import os
 
-    c = Ctx(rank, world_size, torch.Generator().manual_seed(seed), Buffer(timeout_s=20), None)
+    c = Ctx(rank, world_size, torch.Generator().manual_seed(seed), Buffer(timeout_s=20, transport=transport), None)
     E = num_experts_for(c)
     x, idx, _ = make_inputs(c, 13, 128, E, 4)
     lay = layout_of(c, idx, E)
-    if rank == 1:
+    if transport == "shm":
+        c.buf.dispatch(x, **lay)
+        if rank == 1:
+            os._exit(0)
+    elif rank == 1:
         header = torch.cat(
             [
                 torch.tensor([0x45505F31, 1, 2 * 128 + 4, 0, 1, E]),

@@ -14,7 +14,7 @@ from .events import EPCommError, EventOverlap
 from .fp8 import per_token_cast_back, per_token_cast_to_fp8
 from .layout import compute_dispatch_layout
 from .low_latency import LowLatencyHandle
-from .normal import DispatchHandle
+from .routing import DispatchHandle
 
 __all__ = [
     "Buffer",

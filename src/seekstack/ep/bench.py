@@ -29,7 +29,7 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[list[object]]:
     x = torch.randn(T, H, generator=g).to(torch.bfloat16).to(dev)
     idx = torch.topk(torch.randn(T, E, generator=g).abs() + 1, K, dim=1).indices.to(dev)
     w = torch.rand(T, K, generator=g).to(dev)
-    buf = Buffer(timeout_s=300)
+    buf = Buffer(timeout_s=300, transport=cfg["transport"])
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
     layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
     recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, **layout)
@@ -88,7 +88,7 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[list[object]]:
         rows.append([name, t_op * 1e3, gbps(n, bpr, t_op), t_raw * 1e3, gbps(n, bpr, t_raw), t_raw / t_op])
 
     # Low latency: 128 tokens per rank, fp8 dispatch, bf16 combine; latency next to the same bytes moved raw.
-    ll = Buffer(low_latency_mode=True, timeout_s=300)
+    ll = Buffer(low_latency_mode=True, timeout_s=300, transport=cfg["transport"])
     M = cfg["ll_tokens"]
     lx, lidx, lw = x[:M].contiguous(), idx[:M].contiguous(), w[:M].contiguous()
     recv, _, ll_handle, _, _ = ll.low_latency_dispatch(lx, lidx, M, E, use_fp8=False)
@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ll-tokens", type=int, default=128, help="low-latency tokens per rank")
     p.add_argument("--repeats", type=int, default=9, help="timed calls of each case (alternating with its baseline)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument(
+        "--transport",
+        choices=("auto", "shm", "p2p", "all_to_all"),
+        default="auto",
+        help="normal-mode wire (auto: shared windows on one host with gloo; see seekstack.ep.Buffer)",
+    )
     args = p.parse_args(argv)
     nccl = args.backend == "nccl"
     gpus = 0
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.hidden % 128 or args.experts % args.ranks or args.ll_tokens > args.tokens:
         p.error("--hidden must be a multiple of 128, --experts of --ranks, and --ll-tokens <= --tokens")
-    cfg = {k: getattr(args, k) for k in ("tokens", "hidden", "experts", "topk", "ll_tokens", "repeats", "backend")}
+    keys = ("tokens", "hidden", "experts", "topk", "ll_tokens", "repeats", "backend", "transport")
+    cfg = {k: getattr(args, k) for k in keys}
     rows = run_ranks(
         str(Path(__file__).resolve()),
         "_bench_rank",

@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from . import low_latency, normal
 from .config import Config
-from .events import EventOverlap
+from .events import EPCommError, EventOverlap
 from .layout import compute_dispatch_layout
+from .shared import SharedWindows
 
 topk_idx_t = torch.int64
 
@@ -43,11 +44,14 @@ def _storage_uses(t: torch.Tensor) -> int:
 class Buffer:
     """Expert-parallel dispatch/combine over a process group (DeepEP v1 `Buffer`).
 
-    `num_nvl_bytes`/`num_rdma_bytes` are validated and kept for API compatibility: the transport sizes its
+    `num_nvl_bytes`/`num_rdma_bytes` are validated and kept for API compatibility: the transports size their
     buffers per call. `timeout_s` bounds every wait on a collective, so a dead or mismatched peer raises
     `EPCommError` naming the step instead of hanging. Tensors may live on any device the group's backend moves
-    (CPU for gloo, CUDA for NCCL). `transport` picks the wire: `"p2p"` (per-peer isend/irecv, the gloo default)
-    or `"all_to_all"` (one `all_to_all_single` per field, the default on every other backend).
+    (CPU for gloo, CUDA for NCCL). `transport` picks the wire of normal mode: `"shm"` (shared-memory windows,
+    DeepEP's intranode path; the gloo default when every rank is on this host), `"p2p"` (per-peer isend/irecv,
+    the gloo default otherwise) or `"all_to_all"` (one `all_to_all_single` per field, the default on every other
+    backend). The shared windows are set up by the first normal-mode call (a collective, like the constructor of
+    DeepEP's Buffer).
 
     >>> Buffer.set_num_sms(24); Buffer.num_sms
     24
@@ -80,13 +84,18 @@ class Buffer:
             raise ValueError(f"num_qps_per_rank must be positive, got {num_qps_per_rank}")
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive or None, got {timeout_s}")
-        if transport not in ("auto", "p2p", "all_to_all"):
-            raise ValueError(f"transport must be 'auto', 'p2p' or 'all_to_all', got {transport!r}")
+        if transport not in ("auto", "shm", "p2p", "all_to_all"):
+            raise ValueError(f"transport must be 'auto', 'shm', 'p2p' or 'all_to_all', got {transport!r}")
+        self.transport = transport
         self.group = group if group is not None else dist.group.WORLD
         self.backend = str(dist.get_backend(self.group))
         # Per-peer isend/irecv on gloo (own rows skip the wire and the staging copy); one all_to_all_single per
         # field elsewhere (NCCL: stream-ordered, no unmatched point-to-point calls).
-        self.p2p = transport == "p2p" or (transport == "auto" and self.backend == "gloo")
+        self.p2p = transport == "p2p" or (transport in ("auto", "shm") and self.backend == "gloo")
+        # Shared-memory windows: tried on first use where asked for or (auto) on gloo; None = not (yet) set up.
+        self._want_shared = transport == "shm" or (transport == "auto" and self.backend == "gloo")
+        self._windows: SharedWindows | None = None
+        self._shared_pending: EventOverlap | None = None
         self.rank = dist.get_rank(self.group)
         self.group_size = dist.get_world_size(self.group)
         self.num_nvl_bytes = num_nvl_bytes
@@ -151,7 +160,40 @@ class Buffer:
         if not self.explicitly_destroy:
             raise ValueError("explicitly_destroy: destroy() needs Buffer(..., explicitly_destroy=True)")
         self._ll_combine_buffers.clear()
+        if self._windows is not None:
+            self.settle_shared()
+            self._windows.close()
+            self._windows = None
         self._destroyed = True
+
+    # ---- shared-memory windows (normal mode on one host) -----------------------------------------------------
+    def shared_windows(self, device: torch.device) -> SharedWindows | None:
+        """The shared windows for a call on `device`, set up on first use; None where this Buffer does not use
+        them (another transport, or tensors off the CPU). With `transport="shm"` ranks that cannot share memory
+        raise `EPCommError`; with "auto" they fall back to per-peer sends."""
+        if not self._want_shared or device.type != "cpu":
+            return None
+        if self._windows is None:
+            step = "shared windows: setup"
+            self._windows = SharedWindows.open(self.group, self.rank, self.group_size, self.timeout, step)
+            if self._windows is None:
+                if self.transport == "shm":
+                    raise EPCommError(f"{step}: the ranks cannot map each other's memory (not on one host?)")
+                self._want_shared = False
+                return None
+        self.settle_shared()
+        return self._windows
+
+    def settle_shared(self) -> None:
+        """Finish a deferred (async_finish) shared-window exchange: it reads the peers' windows, which they may
+        rewrite once this rank has entered its next exchange."""
+        pending, self._shared_pending = self._shared_pending, None
+        if pending is not None:
+            pending.current_stream_wait()
+
+    def defer_shared(self, event: EventOverlap) -> None:
+        """Record the event of an exchange whose reads are deferred until it is waited on."""
+        self._shared_pending = None if event.is_completed() else event
 
     def _check_alive(self) -> None:
         if self._destroyed:

@@ -17,8 +17,8 @@ import torch
 
 from .events import EventOverlap
 from .fp8 import pack_ue8m0, per_token_cast_to_fp8
-from .normal import check_device, local_expert_table
 from .reduce import block_starts, reduce_tiles, tile_bounds
+from .routing import check_device, local_expert_table
 from .transport import split_offsets, start_all_to_all
 
 

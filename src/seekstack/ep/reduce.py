@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .routing import DispatchHandle, combine_index
+
 _MAX_TILES = 64
 _TILE_BYTES = 2 << 20  # widened fp32 rows per tile: 2 MiB, a core's L2 here (~70 tokens of 4 copies at H = 2048)
 
@@ -104,3 +106,22 @@ def reduce_tiles(
             acc.add_(b[t0:t1])  # a bf16 bias is widened exactly and added in fp32, as DeepEP adds it
         out[t0:t1].copy_(acc)
     return buf
+
+
+def sum_copies(comm, handle: DispatchHandle, out: torch.Tensor, widen, back_off: list[int], biases=()):
+    """Normal combine's sum: `out[t] = cast(Σ copies of token t, lowest rank first (+ biases))`.
+
+    The copies returned by rank j are rows `back_off[j]:back_off[j + 1]` (in `send_order`); `widen(dst, s, e)`
+    writes rows s..e (within one rank's block) as fp32 into `dst`. Returns the bags `(perm, offsets)` for the
+    top-k weights.
+    """
+    hidden, dev = out.shape[1], out.device
+
+    def scratch(n: int) -> torch.Tensor:
+        return comm.take_scratch("combine_f32", (n, hidden), torch.float32, dev)
+
+    perm, offsets = combine_index(handle)
+    bounds = tile_bounds(handle.num_tokens, back_off[-1], hidden, dev)
+    starts = block_starts(lambda: handle.is_token_in_rank, bounds, back_off)
+    comm.give_scratch("combine_f32", reduce_tiles(out, widen, perm, offsets, bounds, starts, scratch, biases))
+    return perm, offsets
