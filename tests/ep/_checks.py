@@ -83,8 +83,9 @@ def assert_equal(a, b, what: str) -> None:
         return
     if a.dtype != b.dtype or a.shape != b.shape:
         raise AssertionError(f"{what}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}")
-    if a.element_size() == 1 and a.is_floating_point():
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    if a.is_floating_point():  # bits, so -0.0 vs +0.0 (and NaN payloads) count as differences
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.view(bits), b.view(bits)
     if not torch.equal(a, b):
         raise AssertionError(f"{what}: not bit-identical to the reference")
 
@@ -497,6 +498,33 @@ def check_window_growth_and_parity(c: Ctx) -> None:
         ref_c, ref_cw = reference_combine(c.buf.group, y, state, T, recv_w)
         assert_equal(combined, ref_c, f"combined T={T} H={H}")
         assert_equal(combined_w, ref_cw, f"combined weights T={T}")
+
+
+def check_combine_sparse_and_full_routing(c: Ctx) -> None:
+    """Even ranks route each token to one expert, odd ranks to every rank (then every rank to one expert), with
+    signed zeros among the expert outputs: combine equals the reference bit for bit (0 + -0 = +0 there)."""
+    E = num_experts_for(c)
+    T, H = num_tokens_for(c) + 40, 384
+    for odd_dense in (True, False):
+        x, idx, w = make_inputs(c, T, H, E, 4)
+        if c.rank % 2 == 0 or not odd_dense:
+            idx[:, 1:] = -1
+        else:
+            idx = torch.arange(4).repeat(T, 1) * (E // 4)  # experts 0, E/4, E/2, 3E/4: one on each of 4 groups
+            idx[5] = -1  # a token routed nowhere
+        lay = layout_of(c, idx, E)
+        recv_x, _, recv_w, _, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+        _, _, _, _, state = reference_dispatch(c.buf.group, x, idx, w, E)
+        y = (recv_x.float() * -0.75).to(torch.bfloat16)
+        y[::7] = -0.0  # signed zeros: 0 + -0 = +0 in the reference's sum
+        bias = randn_bf16(c, T, H)
+        combined, combined_w, _ = c.buf.combine(y, handle, topk_weights=recv_w, bias=bias)
+        ref_c, ref_cw = reference_combine(c.buf.group, y, state, T, recv_w, (bias,))
+        assert_equal(combined, ref_c, f"combined (odd ranks dense: {odd_dense})")
+        assert_equal(combined_w, ref_cw, f"combined weights (odd ranks dense: {odd_dense})")
+        plain, _, _ = c.buf.combine(y, handle)
+        ref_plain, _ = reference_combine(c.buf.group, y, state, T)
+        assert_equal(plain, ref_plain, f"combined without bias (odd ranks dense: {odd_dense})")
 
 
 def check_bad_inputs(c: Ctx) -> None:
