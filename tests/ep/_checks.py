@@ -527,6 +527,37 @@ def check_combine_sparse_and_full_routing(c: Ctx) -> None:
         assert_equal(plain, ref_plain, f"combined without bias (odd ranks dense: {odd_dense})")
 
 
+def check_windows_fall_back_when_unmappable(c: Ctx) -> None:
+    """When one rank cannot open its peers' windows (as on another host), every rank agrees: "auto" falls back
+    to per-peer sends with the same results, "shm" raises EPCommError on every rank."""
+    from seekstack.ep import shared
+
+    E, T, H, x, idx, w, lay = routed_inputs(c)
+    want = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "refused")
+
+    real = shared.os.pidfd_open
+    if c.rank == c.R - 1:
+        shared.os.pidfd_open = refuse
+    try:
+        auto = Buffer(c.buf.group, timeout_s=60)
+        got = auto.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+        assert auto._windows is None and auto.p2p
+        for name, a, b in (("recv_x", got[0], want[0]), ("recv_topk_idx", got[1], want[1])):
+            assert_equal(a, b, f"fallback {name}")
+        strict = Buffer(c.buf.group, timeout_s=60, transport="shm")
+        try:
+            strict.dispatch(x, **lay)
+        except EPCommError as e:
+            assert "cannot map" in str(e), e
+        else:
+            raise AssertionError("transport='shm' without shared windows must raise EPCommError")
+    finally:
+        shared.os.pidfd_open = real
+
+
 def check_bad_inputs(c: Ctx) -> None:
     E = num_experts_for(c)
     x, idx, w = make_inputs(c, 9, 128, E, 4)
@@ -619,7 +650,7 @@ CHECKS = [name for name in list(globals()) if name.startswith("check_")]
 LAST_ONLY_2_RANKS = ["check_stuck_peer_times_out", "check_stuck_peer_times_out_shm"]
 # Peers that disagree or stall: gloo's error paths; NCCL reports those through its own watchdog.
 GLOO_ONLY = ["check_mismatched_peer", *LAST_ONLY_2_RANKS]
-SHM_ONLY = ["check_stuck_peer_times_out_shm"]
+SHM_ONLY = ["check_stuck_peer_times_out_shm", "check_windows_fall_back_when_unmappable"]
 
 
 def run_checks(

@@ -30,6 +30,7 @@ import os
 import select
 import struct
 import time
+import weakref
 from collections import Counter
 
 import torch
@@ -61,6 +62,8 @@ class SharedWindows:
         self._arrived: Counter[int] = Counter()  # barrier number -> peers that reached it
         self._barrier = 0
         self.parity = 1
+        every = [*(f for pair in fds for f in pair), *peer_pipes.values(), *pidfds, wake]
+        self._close = weakref.finalize(self, _close_all, every)  # also when the Buffer is dropped unclosed
 
     @classmethod
     def open(cls, group, rank: int, num_ranks: int, timeout, step: str) -> SharedWindows | None:
@@ -161,7 +164,15 @@ class SharedWindows:
         del self._arrived[n]
 
     def close(self) -> None:
+        """Close the descriptors; mapped windows stay valid while tensors view them."""
         self._maps = []
-        for f in (*(f for pair in self._fds for f in pair), *self._peer_pipes.values(), *self._pidfds, self._wake):
-            os.close(f)
+        self._close()
         self._fds, self._peer_pipes, self._pidfds = [], {}, {}
+
+
+def _close_all(fds: list[int]) -> None:
+    for f in fds:
+        try:
+            os.close(f)
+        except OSError:
+            pass
