@@ -35,44 +35,16 @@ from .routing import (
     Fields,
     Received,
     alloc_received,
-    check_headers,
     dispatch_result,
     fill_token_fields,
     make_handle,
     plan_receive,
     unpack_token_fields,
 )
+from .shared import read_headers, sections, view
 from .transport import split_offsets
 
 _EXTRA = 3  # dispatch header: num_tokens, data bytes per row, send-order length (after the six constants)
-
-
-def _align(n: int) -> int:
-    return (n + 63) // 64 * 64
-
-
-def _sections(*sizes: int) -> list[int]:
-    """Start offsets of consecutive 64-byte-aligned sections, and the total at the end."""
-    out = [0]
-    for n in sizes:
-        out.append(_align(out[-1] + n))
-    return out
-
-
-def _view(win: torch.Tensor, start: int, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
-    n = rows * cols * dtype.itemsize
-    return win[start : start + n].view(dtype).view(rows, cols)
-
-
-def _sync(comm, windows, step: str) -> None:
-    windows.barrier(comm.timeout, step)
-
-
-def _headers(windows, num_ranks: int, length: int, step: str) -> list[torch.Tensor]:
-    """Every rank's int64 header of `length` values, after checking the six constants they all start with."""
-    heads = [windows.peer(j, 8 * HEADER)[: 8 * HEADER].view(torch.int64) for j in range(num_ranks)]
-    check_headers([h.tolist() for h in heads], step)
-    return [windows.peer(j, 8 * length)[: 8 * length].view(torch.int64) for j in range(num_ranks)]
 
 
 def _finish(comm, finish, keep: tuple, step: str, async_finish: bool) -> EventOverlap:
@@ -104,17 +76,17 @@ def dispatch(
     n_send = send_order.shape[0]
     head = torch.cat([header[:HEADER], torch.tensor([T, row, n_send], device="cpu"), header[HEADER:]])
     length = head.numel()
-    offs = _sections(8 * length, T * row, 4 * T * fields.cols, 8 * n_send)
+    offs = sections(8 * length, T * row, 4 * T * fields.cols, 8 * n_send)
     windows.begin()
     win = windows.own(offs[-1])
     win[: 8 * length].view(torch.int64).copy_(head)
-    _view(win, offs[1], data_w.dtype, T, data_w.shape[1]).copy_(data_w)
-    fill_token_fields(_view(win, offs[2], torch.int32, T, fields.cols), scales, topk_idx, topk_weights)
+    view(win, offs[1], data_w.dtype, T, data_w.shape[1]).copy_(data_w)
+    fill_token_fields(view(win, offs[2], torch.int32, T, fields.cols), scales, topk_idx, topk_weights)
     win[offs[3] : offs[3] + 8 * n_send].view(torch.int64).copy_(send_order)
 
     step = "dispatch: count exchange and token exchange (shared memory)"
-    _sync(comm, windows, step)
-    heads = _headers(windows, R, length, step)
+    windows.barrier(comm.timeout, step)
+    heads = read_headers(windows, R, length, step)
     for j, h in enumerate(heads):
         if int(h[HEADER + 1]) != row:
             raise RuntimeError(f"{step}: rank {j} sends rows of {int(h[HEADER + 1])} bytes, this rank {row}")
@@ -135,11 +107,11 @@ def dispatch(
             n = plan.recv_splits[j]
             if not n:
                 continue
-            o = _sections(8 * length, T_j * row, 4 * T_j * fields.cols, 8 * n_j)
+            o = sections(8 * length, T_j * row, 4 * T_j * fields.cols, 8 * n_j)
             w = windows.peer(j, o[-1])
             order = w[o[3] + 8 * start : o[3] + 8 * (start + n)].view(torch.int64)
-            torch.index_select(_view(w, o[1], torch.uint8, T_j, row), 0, order, out=recv[c : c + n])
-            torch.index_select(_view(w, o[2], torch.int32, T_j, fields.cols), 0, order, out=meta_recv[c : c + n])
+            torch.index_select(view(w, o[1], torch.uint8, T_j, row), 0, order, out=recv[c : c + n])
+            torch.index_select(view(w, o[2], torch.int32, T_j, fields.cols), 0, order, out=meta_recv[c : c + n])
             c += n
         unpack_token_fields(comm, meta_recv, out, fields)
         comm.give_scratch("dispatch_meta_recv", meta_recv)
@@ -154,18 +126,18 @@ def cached_dispatch(comm, windows, data, scales, handle: DispatchHandle, out: Re
     R, T = comm.group_size, data.shape[0]
     row = data.shape[1] * data.element_size()
     S = 0 if scales is None else scales.shape[1]
-    offs = _sections(8 * (HEADER + 2), T * row, 4 * T * S)
+    offs = sections(8 * (HEADER + 2), T * row, 4 * T * S)
     windows.begin()
     win = windows.own(offs[-1])
     win[: 8 * (HEADER + 2)].view(torch.int64).copy_(
         torch.tensor([MAGIC, OP_CACHED_DISPATCH, row + 4 * S, 0, 0, 0, T, S], device="cpu")
     )
-    _view(win, offs[1], torch.uint8, T, row).copy_(data.contiguous().view(torch.uint8).view(T, row))
+    view(win, offs[1], torch.uint8, T, row).copy_(data.contiguous().view(torch.uint8).view(T, row))
     if S:
-        _view(win, offs[2], torch.int32, T, S).copy_(scales.view(torch.int32))
+        view(win, offs[2], torch.int32, T, S).copy_(scales.view(torch.int32))
     step = "cached dispatch: token exchange (shared memory)"
-    _sync(comm, windows, step)
-    heads = _headers(windows, R, HEADER + 2, step)
+    windows.barrier(comm.timeout, step)
+    heads = read_headers(windows, R, HEADER + 2, step)
     num_recv = handle.num_recv_tokens
     recv = out.recv_x.view(torch.uint8).view(out.recv_x.shape[0], row)[:num_recv]
     recv_off = split_offsets(handle.recv_splits)
@@ -176,13 +148,13 @@ def cached_dispatch(comm, windows, data, scales, handle: DispatchHandle, out: Re
             if a == b:
                 continue
             T_j = int(heads[j][HEADER])
-            o = _sections(8 * (HEADER + 2), T_j * row, 4 * T_j * S)
+            o = sections(8 * (HEADER + 2), T_j * row, 4 * T_j * S)
             w = windows.peer(j, o[-1])
             src = handle.recv_src_idx[a:b]
-            torch.index_select(_view(w, o[1], torch.uint8, T_j, row), 0, src, out=recv[a:b])
+            torch.index_select(view(w, o[1], torch.uint8, T_j, row), 0, src, out=recv[a:b])
             if S:
                 dst = out.recv_scales[a:b].view(torch.int32)
-                torch.index_select(_view(w, o[2], torch.int32, T_j, S), 0, src, out=dst)
+                torch.index_select(view(w, o[2], torch.int32, T_j, S), 0, src, out=dst)
 
     event = _finish(comm, finish, (data, scales), step, async_finish)
     if not async_finish:
@@ -198,7 +170,7 @@ def combine(comm, windows, fields: list, handle: DispatchHandle, biases, combine
     num_recv, hidden = x.shape
     K = fields[1].shape[1] if len(fields) > 1 else 0
     row = hidden * x.element_size()
-    offs = _sections(8 * (HEADER + 2), num_recv * row, 4 * num_recv * K)
+    offs = sections(8 * (HEADER + 2), num_recv * row, 4 * num_recv * K)
     windows.begin()
     win = windows.own(offs[-1])
     win[: 8 * (HEADER + 2)].view(torch.int64).copy_(
@@ -206,28 +178,28 @@ def combine(comm, windows, fields: list, handle: DispatchHandle, biases, combine
     )
     x_off = split_offsets(handle.recv_splits)
     a, b = x_off[rank], x_off[rank + 1]  # this rank's own rows are read from x itself
-    mine = _view(win, offs[1], x.dtype, num_recv, hidden)
+    mine = view(win, offs[1], x.dtype, num_recv, hidden)
     mine[:a].copy_(x[:a])
     mine[b:].copy_(x[b:])
     if K:
-        _view(win, offs[2], torch.float32, num_recv, K).copy_(fields[1])
+        view(win, offs[2], torch.float32, num_recv, K).copy_(fields[1])
     step = "combine: token exchange (shared memory)"
 
     def finish() -> None:
-        _sync(comm, windows, step)
-        heads = _headers(windows, R, HEADER + 2, step)
+        windows.barrier(comm.timeout, step)
+        heads = read_headers(windows, R, HEADER + 2, step)
         back_off = split_offsets(handle.send_splits)
         prefix = handle.rank_prefix_matrix.tolist()
         rows, weights = [], []
         for j in range(R):
             n_j = int(heads[j][HEADER])
-            o = _sections(8 * (HEADER + 2), n_j * row, 4 * n_j * K)
+            o = sections(8 * (HEADER + 2), n_j * row, 4 * n_j * K)
             w = windows.peer(j, o[-1])
             first = prefix[rank - 1][j] if rank else 0  # rows rank j received from ranks before this one
             n = back_off[j + 1] - back_off[j]
-            rows.append((x if j == rank else _view(w, o[1], x.dtype, n_j, hidden))[first : first + n])
+            rows.append((x if j == rank else view(w, o[1], x.dtype, n_j, hidden))[first : first + n])
             if K:
-                weights.append((fields[1] if j == rank else _view(w, o[2], torch.float32, n_j, K))[first : first + n])
+                weights.append((fields[1] if j == rank else view(w, o[2], torch.float32, n_j, K))[first : first + n])
 
         def widen(dst: torch.Tensor, s: int, e: int) -> None:
             j = bisect.bisect_right(back_off, s) - 1

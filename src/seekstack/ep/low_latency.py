@@ -11,15 +11,19 @@ in fp32, in top-k order. Everything runs on the tensors' device.
 
 from __future__ import annotations
 
+import bisect
 from typing import NamedTuple
 
 import torch
 
-from .events import EventOverlap
+from .events import EPCommError, EventOverlap
 from .fp8 import pack_ue8m0, per_token_cast_to_fp8
 from .reduce import block_starts, reduce_tiles, tile_bounds
-from .routing import check_device, local_expert_table
+from .routing import HEADER, MAGIC, OP_LL_COMBINE, OP_LL_DISPATCH, check_device, local_expert_table
+from .shared import read_headers, sections, view
 from .transport import split_offsets, start_all_to_all
+
+_LL_HEADER = HEADER + 1  # the six constants (num_max in the num_worst_tokens slot), then the rank's token count
 
 
 class LowLatencyHandle(NamedTuple):
@@ -95,7 +99,16 @@ def dispatch(
         payload, S = x.view(torch.int32), 0
     hw = payload.shape[1]
     c_idx, cols = hw + S, hw + S + K + 1
-    rows = comm.take_scratch("ll_rows", (T + 1, cols), torch.int32, dev)
+    windows = comm.shared_windows(dev)
+    if windows is not None:  # the rows and each rank's token list go into this rank's window; receivers gather
+        windows.begin()
+        offs = sections(8 * _LL_HEADER, 4 * (T + 1) * cols, 8 * R * num_max)
+        win = windows.own(offs[-1])
+        head = [MAGIC, OP_LL_DISPATCH, 4 * cols, num_max, 0, num_experts, T]
+        win[: 8 * _LL_HEADER].view(torch.int64).copy_(torch.tensor(head, device="cpu"))
+        rows = view(win, offs[1], torch.int32, T + 1, cols)
+    else:
+        rows = comm.take_scratch("ll_rows", (T + 1, cols), torch.int32, dev)
     rows[:T, :hw].copy_(payload)
     if S:
         rows[:T, hw:c_idx].copy_(scales.view(torch.int32))
@@ -110,12 +123,30 @@ def dispatch(
     tokens = torch.arange(T, device=dev)
     select = torch.full((R, num_max), T, dtype=torch.int64, device=dev)
     select[:, :T] = torch.where(in_rank.t(), tokens, T).sort(dim=1).values
-    send = comm.low_latency_recv_buffer("send", (slots, cols), torch.int32, dev)
-    torch.index_select(rows, 0, select.view(-1), out=send)
-    comm.give_scratch("ll_rows", rows)
     recv = comm.low_latency_recv_buffer("recv", (slots, cols), torch.int32, dev)
-    step = "low_latency_dispatch: token exchange"
-    work = start_all_to_all(comm.group, recv, send, None, None, step)
+    if windows is not None:
+        view(win, offs[2], torch.int64, R, num_max).copy_(select)
+        step = "low_latency_dispatch: token exchange (shared memory)"
+        works, send = [], rows
+
+        def receive() -> None:  # block j of recv: rank j's rows for this rank, padding rows included
+            windows.barrier(comm.timeout, step)
+            for j, h in enumerate(read_headers(windows, R, _LL_HEADER, step)):
+                if int(h[3]) != num_max:
+                    raise EPCommError(f"{step}: rank {j} uses num_max_dispatch_tokens_per_rank {int(h[3])}")
+                T_j = int(h[6])
+                o = sections(8 * _LL_HEADER, 4 * (T_j + 1) * cols, 8 * R * num_max)
+                w = windows.peer(j, o[-1])
+                order = view(w, o[2], torch.int64, R, num_max)[comm.rank]
+                block = recv[j * num_max : (j + 1) * num_max]
+                torch.index_select(view(w, o[1], torch.int32, T_j + 1, cols), 0, order, out=block)
+
+    else:
+        send = comm.low_latency_recv_buffer("send", (slots, cols), torch.int32, dev)
+        torch.index_select(rows, 0, select.view(-1), out=send)
+        comm.give_scratch("ll_rows", rows)
+        step = "low_latency_dispatch: token exchange"
+        works, receive = [start_all_to_all(comm.group, recv, send, None, None, step)], None
 
     # The masked layout is large (E_local x R*max x H) and mostly padding, so like DeepEP's two alternating
     # buffers it is reused across calls and not cleared: rows past recv_count[e] hold stale data.
@@ -133,6 +164,8 @@ def dispatch(
     pairs: dict[str, object] = {}
 
     def finish() -> None:
+        if receive is not None:
+            receive()
         # Expert ids + 1 → local ids or -1 with one lookup (padding rows carry 0: no expert).
         local = local_expert_table(comm, num_experts, dev).index_select(0, recv[:, c_idx : c_idx + K].reshape(-1))
         flat = (local >= 0).nonzero().squeeze(1)  # (row, k) pairs in (source rank, token, k) order
@@ -161,10 +194,12 @@ def dispatch(
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats.add_(recv_count)
 
-    event = EventOverlap([work], finish, (send, recv), comm.timeout, step)
+    event = EventOverlap(works, finish, (send, recv), comm.timeout, step)
     hook = event.current_stream_wait if return_recv_hook else (lambda: None)
     if not async_finish and not return_recv_hook:
         event.current_stream_wait()
+    elif windows is not None:
+        comm.defer_shared(event)
 
     handle = _LazyHandle(src_info, layout_range, num_max, H, num_experts, pairs, event)
     out = (recv_data, recv_scales) if use_fp8 else recv_data
@@ -229,7 +264,17 @@ def combine(comm, x, topk_idx, topk_weights, handle, async_finish: bool, return_
         raise ValueError(f"out must be bf16 [{T}, {h.hidden}]")
 
     # Expert outputs of the received pairs, in (source rank, token, k) order: grouped by the rank they return to.
-    send = comm.take_scratch("ll_combine_send", (h.send_rows.numel(), h.hidden), torch.bfloat16, dev)
+    P = h.send_rows.numel()
+    windows = comm.shared_windows(dev)
+    if windows is not None:  # into this rank's window, after a header with the pairs owed to each rank
+        windows.begin()
+        offs = sections(8 * (HEADER + 1 + R), 2 * P * h.hidden)
+        win = windows.own(offs[-1])
+        head = [MAGIC, OP_LL_COMBINE, 2 * h.hidden, 0, 0, h.num_experts, P, *h.back_splits]
+        win[: 8 * (HEADER + 1 + R)].view(torch.int64).copy_(torch.tensor(head, device="cpu"))
+        send = view(win, offs[1], torch.bfloat16, P, h.hidden)
+    else:
+        send = comm.take_scratch("ll_combine_send", (P, h.hidden), torch.bfloat16, dev)
     torch.index_select(x.reshape(El * slots, h.hidden), 0, h.send_rows, out=send)
     # This rank's own (token, k) pairs, token-major; from rank j they come back in (token, k) order.
     idx = topk_idx.long()
@@ -237,20 +282,43 @@ def combine(comm, x, topk_idx, topk_weights, handle, async_finish: bool, return_
     pair = valid.view(-1).nonzero().squeeze(1)
     dest = idx.view(-1).index_select(0, pair) // El
     by_dest = torch.sort(dest, stable=True).indices  # received row i is pair[by_dest[i]]
-    recv = comm.take_scratch("ll_combine_recv", (pair.numel(), h.hidden), torch.bfloat16, dev)
-    step = "low_latency_combine: token exchange"
     recv_splits = torch.bincount(dest, minlength=R).tolist()
-    work = start_all_to_all(comm.group, recv, send, recv_splits, list(h.back_splits), step)
+    recv_off = split_offsets(recv_splits)
+    if windows is not None:
+        step = "low_latency_combine: token exchange (shared memory)"
+        works, recv = [], None
+    else:
+        recv = comm.take_scratch("ll_combine_recv", (pair.numel(), h.hidden), torch.bfloat16, dev)
+        step = "low_latency_combine: token exchange"
+        works = [start_all_to_all(comm.group, recv, send, recv_splits, list(h.back_splits), step)]
     combined = out if out is not None else torch.empty(T, h.hidden, dtype=torch.bfloat16, device=dev)
 
+    def blocks() -> list[torch.Tensor]:
+        """The rows each rank j returns, in (token, k) order: a slice of `recv`, or of rank j's window."""
+        if windows is None:
+            comm.give_scratch("ll_combine_send", send)
+            return [recv[recv_off[j] : recv_off[j + 1]] for j in range(R)]
+        windows.barrier(comm.timeout, step)
+        out_rows = []
+        for j, hd in enumerate(read_headers(windows, R, HEADER + 1 + R, step)):
+            owed = hd[HEADER + 1 :].tolist()
+            if owed[comm.rank] != recv_splits[j]:
+                raise EPCommError(f"{step}: rank {j} returns {owed[comm.rank]} rows, {recv_splits[j]} expected")
+            o = sections(8 * (HEADER + 1 + R), 2 * int(hd[HEADER]) * h.hidden)
+            first = sum(owed[: comm.rank])
+            mine = view(windows.peer(j, o[-1]), o[1], torch.bfloat16, first + owed[comm.rank], h.hidden)
+            out_rows.append(mine[first:])
+        return out_rows
+
     def finish() -> None:
-        comm.give_scratch("ll_combine_send", send)
+        rows = blocks()
         w = topk_weights.reshape(-1).index_select(0, pair.index_select(0, by_dest))  # weight of each received row
 
         def widen(dst: torch.Tensor, s: int, e: int) -> None:
             # fp32(y) · w, rounded once, as the reference multiplies; widening first and scaling in place takes
             # 0.87 ms where the mixed-dtype torch.mul takes 1.45 ms (1024 x 2048).
-            dst.copy_(recv[s:e])
+            j = bisect.bisect_right(recv_off, s) - 1
+            dst.copy_(rows[j][s - recv_off[j] : e - recv_off[j]])
             dst.mul_(w[s:e].unsqueeze(1))
 
         def scratch(n: int) -> torch.Tensor:
@@ -265,13 +333,16 @@ def combine(comm, x, topk_idx, topk_weights, handle, async_finish: bool, return_
         bag[by_dest] = torch.arange(by_dest.numel(), device=dev)  # token-major pair → its received row
         counts = valid.sum(1)
         bounds = tile_bounds(T, pair.numel(), h.hidden, dev)
-        starts = block_starts(per_token_rows, bounds, split_offsets(recv_splits))
+        starts = block_starts(per_token_rows, bounds, recv_off)
         wide = reduce_tiles(combined, widen, bag, counts.cumsum(0) - counts, bounds, starts, scratch)
-        comm.give_scratch("ll_combine_recv", recv)
+        if recv is not None:
+            comm.give_scratch("ll_combine_recv", recv)
         comm.give_scratch("ll_combine_f32", wide)
 
-    event = EventOverlap([work], finish, (send, recv), comm.timeout, step)
+    event = EventOverlap(works, finish, (send, x), comm.timeout, step)
     hook = event.current_stream_wait if return_recv_hook else (lambda: None)
     if not async_finish and not return_recv_hook:
         event.current_stream_wait()
+    elif windows is not None:
+        comm.defer_shared(event)
     return combined, event, hook

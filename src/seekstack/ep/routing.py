@@ -18,7 +18,7 @@ import torch
 from .events import EPCommError, EventOverlap
 
 MAGIC = 0x45505F31  # "EP_1": a peer that sends anything else is not in the same call
-OP_DISPATCH, OP_COMBINE, OP_CACHED_DISPATCH = 1, 2, 3
+OP_DISPATCH, OP_COMBINE, OP_CACHED_DISPATCH, OP_LL_DISPATCH, OP_LL_COMBINE = 1, 2, 3, 4, 5
 HEADER = 6  # magic, op, row_bytes, num_worst_tokens, expert_alignment, num_experts
 
 

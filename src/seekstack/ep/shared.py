@@ -36,6 +36,7 @@ from collections import Counter
 import torch
 
 from .events import EPCommError
+from .routing import HEADER, check_headers
 from .transport import gather_headers
 
 _GROW = 2 << 20  # windows grow in 2 MiB steps at least (a ftruncate and a remap each time)
@@ -176,3 +177,24 @@ def _close_all(fds: list[int]) -> None:
             os.close(f)
         except OSError:
             pass
+
+
+def sections(*sizes: int) -> list[int]:
+    """Start offsets of consecutive 64-byte-aligned window sections of `sizes` bytes, and the total at the end."""
+    out = [0]
+    for n in sizes:
+        out.append((out[-1] + n + 63) // 64 * 64)
+    return out
+
+
+def view(win: torch.Tensor, start: int, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+    """Bytes `start..` of a window as a `[rows, cols]` tensor of `dtype`."""
+    return win[start : start + rows * cols * dtype.itemsize].view(dtype).view(rows, cols)
+
+
+def read_headers(windows: SharedWindows, num_ranks: int, length: int, step: str) -> list[torch.Tensor]:
+    """Every rank's int64 window header of `length` values, after checking the six constants of `routing` that
+    every header starts with (ranks in different calls raise the same `EPCommError` everywhere)."""
+    heads = [windows.peer(j, 8 * HEADER)[: 8 * HEADER].view(torch.int64) for j in range(num_ranks)]
+    check_headers([h.tolist() for h in heads], step)
+    return [windows.peer(j, 8 * length)[: 8 * length].view(torch.int64) for j in range(num_ranks)]
