@@ -556,6 +556,20 @@ def check_windows_fall_back_when_unmappable(c: Ctx) -> None:
             raise AssertionError("transport='shm' without shared windows must raise EPCommError")
     finally:
         shared.os.pidfd_open = real
+    # A platform without memfd/pidfd: decided locally (every rank on one host sees the same), no collective.
+    real_supported = shared.SharedWindows.supported
+    shared.SharedWindows.supported = staticmethod(lambda: False)
+    try:
+        auto = Buffer(c.buf.group, timeout_s=60)
+        assert_equal(auto.dispatch(x, topk_idx=idx, topk_weights=w, **lay)[0], want[0], "recv_x without windows")
+        try:
+            Buffer(c.buf.group, timeout_s=60, transport="shm").dispatch(x, **lay)
+        except EPCommError as e:
+            assert "memfd" in str(e), e
+        else:
+            raise AssertionError("transport='shm' on a platform without memfd must raise EPCommError")
+    finally:
+        shared.SharedWindows.supported = real_supported
 
 
 def check_bad_inputs(c: Ctx) -> None:

@@ -173,6 +173,11 @@ class Buffer:
         raise `EPCommError`; with "auto" they fall back to per-peer sends."""
         if not self._want_shared or device.type != "cpu":
             return None
+        if not SharedWindows.supported():
+            if self.transport == "shm":
+                raise EPCommError("shared windows: this platform lacks memfd/pidfd (Linux >= 5.3 needed)")
+            self._want_shared = False
+            return None
         if self._windows is None:
             step = "shared windows: setup"
             self._windows = SharedWindows.open(self.group, self.rank, self.group_size, self.timeout, step)

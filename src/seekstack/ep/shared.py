@@ -66,6 +66,11 @@ class SharedWindows:
         every = [*(f for pair in fds for f in pair), *peer_pipes.values(), *pidfds, wake]
         self._close = weakref.finalize(self, _close_all, every)  # also when the Buffer is dropped unclosed
 
+    @staticmethod
+    def supported() -> bool:
+        """Whether this platform has what the windows use (Linux: memfd, pidfd, /proc/<pid>/fd)."""
+        return all(hasattr(os, f) for f in ("memfd_create", "pidfd_open", "pipe2")) and os.path.isdir("/proc/self/fd")
+
     @classmethod
     def open(cls, group, rank: int, num_ranks: int, timeout, step: str) -> SharedWindows | None:
         """Create this rank's windows and barrier pipe and open the peers' (collective). None on every rank when
