@@ -45,7 +45,7 @@ def test_ray_pipeline_matches_duckdb(ray_session, rng):
 
 def test_ray_retries_injected_faults(ray_session, rng):
     pdf = random_frame(rng, 300)
-    ray_session.fault_inject_prob, ray_session.max_retries = 0.9, 3
+    ray_session.fault_inject_prob, ray_session.max_retries = 1.0, 1  # 1.0: attempt 0 of every task fails
     ray_session._executor = None  # the executor takes the settings when it is created
     try:
         got = ray_session.from_pandas(pdf).repartition(3, hash_by="g").map("g, w + 1 AS w1").to_pandas()

@@ -12,8 +12,8 @@ Every setting is resolved as argument > environment variable > default:
 | `task_threads` | `SP_TASK_THREADS` | 1 DuckDB thread per task |
 | `task_memory` | `SP_TASK_MEMORY` | 80 % of RAM divided by the executors, e.g. `"2GB"` |
 | `max_retries` | `SP_MAX_RETRIES` | 5 retries per task for retryable failures |
-| `fault_inject_prob` | `SP_FAULT_INJECT_PROB` | 0.0 (tests set it to make attempts fail on purpose) |
-| `seed` | `SP_SEED` | 0 (random_shuffle and fault injection are reproducible) |
+| `fault_inject_prob` | `SP_FAULT_INJECT_PROB` | 0.0 (tests make attempts fail on purpose; 1.0: all but the last) |
+| `seed` | `SP_SEED` | 0 (random_shuffle and fault injection repeat for the same job id and inputs) |
 
 >>> import tempfile
 >>> sp = init(data_root=tempfile.mkdtemp(), num_executors=0)
@@ -102,8 +102,10 @@ class Session:
     def __post_init__(self):
         if not isinstance(self.num_executors, int) or self.num_executors < 0:
             raise ValueError(f"num_executors must be an integer >= 0, got {self.num_executors!r}")
-        if not 0.0 <= self.fault_inject_prob < 1.0:
-            raise ValueError(f"fault_inject_prob must be in [0, 1), got {self.fault_inject_prob}")
+        # 1.0 is allowed: the last allowed attempt is never injected, so it means "every attempt but the last fails",
+        # the one fault schedule that does not depend on the task keys (which hash the job id and input paths).
+        if not 0.0 <= self.fault_inject_prob <= 1.0:
+            raise ValueError(f"fault_inject_prob must be in [0, 1], got {self.fault_inject_prob}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         self.storage_options = io.check_storage_options(self.storage_options)

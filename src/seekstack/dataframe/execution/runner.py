@@ -28,8 +28,10 @@ class RunSettings:
     """Per-worker limits and the fault-injection knob.
 
     fault_inject_prob: chance that an attempt fails after doing its work but before committing it (never on the
-    last allowed attempt, so a job with retries still finishes); fault_inject_kill: the failure kills the worker
-    process (``os._exit``) instead of raising, as a crashed machine would.
+    last allowed attempt, so a job with retries still finishes; 1.0 fails every attempt but the last). The draw
+    hashes the seed, the task key (which names the job's paths) and the attempt, so a given seed repeats its faults
+    only for the same job id and inputs. fault_inject_kill: the failure kills the worker process (``os._exit``)
+    instead of raising, as a crashed machine would.
     """
 
     threads: int = 1
