@@ -241,7 +241,10 @@ def check_worst_tokens_and_alignment(c: Ctx) -> None:
     E, T, H, x, idx, w, lay = routed_inputs(c)
     base = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
     n = base[0].shape[0]
-    worst = T * c.R + 5
+    # The worst case of every rank: all tokens of every rank (T differs per rank), plus a few spare rows.
+    most = torch.tensor([T], device=c.dev)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=c.buf.group)
+    worst = int(most) * c.R + 5
     rx, ri, rw, counts, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, num_worst_tokens=worst, **lay)
     assert counts == [] and rx.shape[0] == worst
     assert torch.equal(rx[:n], base[0]) and torch.equal(ri[:n], base[1]) and torch.equal(rw[:n], base[2])
