@@ -530,6 +530,18 @@ def check_combine_sparse_and_full_routing(c: Ctx) -> None:
         assert_equal(plain, ref_plain, f"combined without bias (odd ranks dense: {odd_dense})")
 
 
+def _expect_comm_error(call, words: str, within_s: float | None = None) -> None:
+    """`call()` must raise EPCommError naming `words` (within `within_s` seconds, if given)."""
+    t0 = time.monotonic()
+    try:
+        call()
+    except EPCommError as e:
+        assert words in str(e), e
+        assert within_s is None or time.monotonic() - t0 < within_s, f"took {time.monotonic() - t0:.1f} s"
+    else:
+        raise AssertionError(f"expected EPCommError naming {words!r}")
+
+
 def check_windows_fall_back_when_unmappable(c: Ctx) -> None:
     """When one rank cannot open its peers' windows (as on another host), every rank agrees: "auto" falls back
     to per-peer sends with the same results, "shm" raises EPCommError on every rank."""
@@ -551,12 +563,7 @@ def check_windows_fall_back_when_unmappable(c: Ctx) -> None:
         for name, a, b in (("recv_x", got[0], want[0]), ("recv_topk_idx", got[1], want[1])):
             assert_equal(a, b, f"fallback {name}")
         strict = Buffer(c.buf.group, timeout_s=60, transport="shm")
-        try:
-            strict.dispatch(x, **lay)
-        except EPCommError as e:
-            assert "cannot map" in str(e), e
-        else:
-            raise AssertionError("transport='shm' without shared windows must raise EPCommError")
+        _expect_comm_error(lambda: strict.dispatch(x, **lay), "cannot map")
     finally:
         shared.os.pidfd_open = real
     # A platform without memfd/pidfd: decided locally (every rank on one host sees the same), no collective.
@@ -565,12 +572,7 @@ def check_windows_fall_back_when_unmappable(c: Ctx) -> None:
     try:
         auto = Buffer(c.buf.group, timeout_s=60)
         assert_equal(auto.dispatch(x, topk_idx=idx, topk_weights=w, **lay)[0], want[0], "recv_x without windows")
-        try:
-            Buffer(c.buf.group, timeout_s=60, transport="shm").dispatch(x, **lay)
-        except EPCommError as e:
-            assert "memfd" in str(e), e
-        else:
-            raise AssertionError("transport='shm' on a platform without memfd must raise EPCommError")
+        _expect_comm_error(lambda: Buffer(c.buf.group, timeout_s=60, transport="shm").dispatch(x, **lay), "memfd")
     finally:
         shared.SharedWindows.supported = real_supported
 
@@ -626,19 +628,11 @@ def check_stuck_peer_times_out(c: Ctx) -> None:
     lay = layout_of(c, idx, E)
     if c.rank == 0:
         short = Buffer(c.buf.group, timeout_s=1.0, transport="p2p")
-        t0 = time.monotonic()
-        try:
-            short.dispatch(x, **lay)
-        except EPCommError as e:
-            assert "count exchange" in str(e) and time.monotonic() - t0 < 10, e
-        else:
-            raise AssertionError("a stuck peer must make dispatch raise EPCommError")
+        _expect_comm_error(lambda: short.dispatch(x, **lay), "count exchange", within_s=10)
     else:
         time.sleep(3.0)
-    # Every peer finally joins the count exchange rank 0 gave up on, so the group is left in step.
-    if c.rank != 0:
-        header = torch.zeros(6 + c.R + E, dtype=torch.int64)
-        gather_headers(c.buf.group, header, c.R, None, "late join")
+        # Every peer finally joins the count exchange rank 0 gave up on, so the group is left in step.
+        gather_headers(c.buf.group, torch.zeros(6 + c.R + E, dtype=torch.int64), c.R, None, "late join")
     dist.barrier(group=c.buf.group)
 
 
@@ -650,13 +644,7 @@ def check_stuck_peer_times_out_shm(c: Ctx) -> None:
     short = Buffer(c.buf.group, timeout_s=1.0, transport="shm")
     short.dispatch(x, **lay)  # every rank: sets the windows up
     if c.rank == 0:
-        t0 = time.monotonic()
-        try:
-            short.dispatch(x, **lay)
-        except EPCommError as e:
-            assert "token exchange (shared memory)" in str(e) and time.monotonic() - t0 < 10, e
-        else:
-            raise AssertionError("a stuck peer must make dispatch raise EPCommError")
+        _expect_comm_error(lambda: short.dispatch(x, **lay), "token exchange (shared memory)", within_s=10)
     else:
         time.sleep(3.0)
         short._windows.barrier(None, "late join")  # joins the exchange barrier rank 0 gave up on
