@@ -24,7 +24,7 @@ import bisect
 
 import torch
 
-from .events import EventOverlap
+from .events import EPCommError, EventOverlap
 from .reduce import sum_bags, sum_copies
 from .routing import (
     HEADER,
@@ -89,7 +89,7 @@ def dispatch(
     heads = read_headers(windows, R, length, step)
     for j, h in enumerate(heads):
         if int(h[HEADER + 1]) != row:
-            raise RuntimeError(f"{step}: rank {j} sends rows of {int(h[HEADER + 1])} bytes, this rank {row}")
+            raise EPCommError(f"{step}: rank {j} sends rows of {int(h[HEADER + 1])} bytes, this rank {row}")
     table = torch.stack([torch.cat([h[:HEADER], h[HEADER + _EXTRA :]]) for h in heads])
     plan = plan_receive(table, rank, step)
     worst = int(header[3])
@@ -197,6 +197,8 @@ def combine(comm, windows, fields: list, handle: DispatchHandle, biases, combine
             w = windows.peer(j, o[-1])
             first = prefix[rank - 1][j] if rank else 0  # rows rank j received from ranks before this one
             n = back_off[j + 1] - back_off[j]
+            if first + n > n_j:  # the ranks' handles come from different dispatches
+                raise EPCommError(f"{step}: rank {j} holds {n_j} rows, this rank's handle expects {first + n}")
             rows.append((x if j == rank else view(w, o[1], x.dtype, n_j, hidden))[first : first + n])
             if K:
                 weights.append((fields[1] if j == rank else view(w, o[2], torch.float32, n_j, K))[first : first + n])
