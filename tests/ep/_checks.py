@@ -513,7 +513,9 @@ def check_combine_sparse_and_full_routing(c: Ctx) -> None:
         if c.rank % 2 == 0 or not odd_dense:
             idx[:, 1:] = -1
         else:
-            idx = torch.arange(4).repeat(T, 1) * (E // 4)  # experts 0, E/4, E/2, 3E/4: one on each of 4 groups
+            idx = (torch.arange(4).repeat(T, 1) * (E // 4)).to(
+                c.dev
+            )  # experts 0, E/4, E/2, 3E/4: one on each of 4 groups
             idx[5] = -1  # a token routed nowhere
         lay = layout_of(c, idx, E)
         recv_x, _, recv_w, _, handle, _ = c.buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
