@@ -62,6 +62,17 @@ def test_odd_block_sizes(gen, block_size):
     run_both(case, tokens_per_step=100)
 
 
+@pytest.mark.parametrize(
+    "s_q,s_k,block_size,tokens_per_step",
+    [(3, 184, 61, 61), (4, 50, 1, 7), (4, 50, 16, 16), (2, 129, 64, 64)],
+)
+def test_causal_tail_across_chunks(gen, s_q, s_k, block_size, tokens_per_step):
+    """A long request's last s_q - 1 keys (hidden from its earlier query tokens) split over two chunks: each chunk
+    masks its own part of that tail (chunks of 61 put 182 and 183 of 184 keys in different chunks)."""
+    case = make_case(2, s_q, 16, 1, s_k, block_size=block_size, causal=True, generator=gen)
+    run_both(case, tokens_per_step)
+
+
 def test_flashmla_corner_case(gen):
     """FlashMLA's corner grid, b = 128, s_q = 2, varlen, some lengths 0; s_k = 512, not 4096, on CPU: the recipe
     allocates b * max_len tokens of NaN-poisoned cache (2.6 GB of fp32 at 4096). test_gpu.py runs 4096."""

@@ -259,9 +259,12 @@ class _Decode:
             if self.tail_hidden is not None:
                 s_q1 = self.p.s_q - 1
                 for j, rem in enumerate(grp.rems):
-                    if rem <= L:  # the request ends in this step
-                        lo = max(rem - s_q1, 0)
-                        scores[j, :, lo:rem].masked_fill_(self.tail_hidden[s_q1 - (rem - lo) :], float("-inf"))
+                    # The request's last s_q - 1 keys (rem - s_q1 .. rem of this step) may straddle two chunks:
+                    # mask the part that falls in this one, [lo, hi).
+                    tail = rem - s_q1
+                    lo, hi = max(tail, 0), min(rem, grp.lens[j])
+                    if lo < hi:
+                        scores[j, :, lo:hi].masked_fill_(self.tail_hidden[lo - tail : hi - tail], float("-inf"))
             return
         lo = max(min(grp.rems) - self.max_shift, 0)  # keys before `lo` are seen by every row of every item
         if lo < L:
