@@ -7,6 +7,7 @@ Inputs are drawn on the CPU (same values on every device) and moved to `Ctx.dev`
 
 from __future__ import annotations
 
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -651,6 +652,14 @@ def check_stuck_peer_times_out_shm(c: Ctx) -> None:
         time.sleep(3.0)
         short._windows.barrier(None, "late join")  # joins the exchange barrier rank 0 gave up on
     dist.barrier(group=c.buf.group)
+
+
+def check_compiled_sum_ran(c: Ctx) -> None:
+    """With `SEEKSTACK_EP_COMPILE=always` on CPU (and a C++ compiler), the combines above took the compiled sum."""
+    from seekstack.ep import fused_sum
+
+    if fused_sum.mode() == "always" and c.dev.type == "cpu" and (shutil.which("c++") or shutil.which("g++")):
+        assert fused_sum.calls > 0, "no combine ran the compiled sum"
 
 
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ sys.modules[_spec.name] = checks
 _spec.loader.exec_module(checks)
 
 NAMES = [n for n in checks.CHECKS if n not in checks.LAST_ONLY_2_RANKS]
-SEED = int.from_bytes(os.urandom(3), "little")
+SEED = int(os.environ.get("SEEKSTACK_TEST_SEED") or int.from_bytes(os.urandom(3), "little"))  # failures print it
 
 pytestmark = pytest.mark.distributed
 
@@ -108,3 +109,24 @@ def results_2_p2p():
 def test_two_ranks_p2p_transport(results_2_p2p, name):
     """The socket wire of gloo groups across hosts (per-peer isend/irecv), run here on one host."""
     _assert_ok(results_2_p2p, name)
+
+
+COMPILED = [
+    "check_dispatch_combine_bf16",
+    "check_combine_sparse_and_full_routing",
+    "check_autograd",
+    "check_compiled_sum_ran",  # last: the ones above took the compiled path
+]
+
+
+@pytest.fixture(scope="module", params=["shm", "p2p"])
+def results_2_compiled(request):
+    """The combine checks with the compiled CPU sum forced on (`SEEKSTACK_EP_COMPILE=always`; by default only
+    sums of ≥ 2M elements take it), over the shared windows and over sockets."""
+    with mock.patch.dict(os.environ, {"SEEKSTACK_EP_COMPILE": "always"}):
+        return run_ranks(str(CHECKS_FILE), "run_checks", 2, args=(SEED, COMPILED, request.param), timeout_s=240)
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_two_ranks_compiled_combine_sum(results_2_compiled, name):
+    _assert_ok(results_2_compiled, name)

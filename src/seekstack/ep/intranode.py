@@ -20,8 +20,6 @@ different calls (or with different row layouts) all raise the same `EPCommError`
 
 from __future__ import annotations
 
-import bisect
-
 import torch
 
 from .events import EPCommError, EventOverlap
@@ -203,11 +201,7 @@ def combine(comm, windows, fields: list, handle: DispatchHandle, biases, combine
             if K:
                 weights.append((fields[1] if j == rank else view(w, o[2], torch.float32, n_j, K))[first : first + n])
 
-        def widen(dst: torch.Tensor, s: int, e: int) -> None:
-            j = bisect.bisect_right(back_off, s) - 1
-            dst.copy_(rows[j][s - back_off[j] : e - back_off[j]])
-
-        perm, offsets = sum_copies(comm, handle, combined, widen, back_off, biases)
+        perm, offsets = sum_copies(comm, handle, combined, rows, biases)
         if combined_w is not None:
             combined_w.copy_(sum_bags(torch.cat(weights), perm, offsets))
 

@@ -273,10 +273,10 @@ def combine(comm, x: torch.Tensor, handle: DispatchHandle, topk_weights, bias, a
             staged[1][a:b].copy_(fields[1][c : c + b - a])
         wait_all(works, comm.timeout, step)
 
-        def widen(dst: torch.Tensor, s: int, e: int) -> None:
-            dst.copy_(fields[0][c + s - a : c + e - a] if comm.p2p and a <= s < b else rows[s:e])
-
-        perm, offsets = sum_copies(comm, handle, combined, widen, back_off, biases)
+        blocks = [rows[back_off[j] : back_off[j + 1]] for j in range(len(back_off) - 1)]
+        if comm.p2p:
+            blocks[rank] = fields[0][c : c + b - a]
+        perm, offsets = sum_copies(comm, handle, combined, blocks, biases)
         if combined_w is not None:
             combined_w.copy_(sum_bags(staged[1], perm, offsets))
         for n, st in zip(names, staged, strict=False):

@@ -17,11 +17,13 @@ rows, the fp32 sums and their cast stay in cache.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .fused_sum import copy_index, fused_sum
 from .routing import DispatchHandle, combine_index
 
 _MAX_TILES = 64
@@ -108,19 +110,28 @@ def reduce_tiles(
     return buf
 
 
-def sum_copies(comm, handle: DispatchHandle, out: torch.Tensor, widen, back_off: list[int], biases=()):
+def sum_copies(comm, handle: DispatchHandle, out: torch.Tensor, blocks: list[torch.Tensor], biases=()):
     """Normal combine's sum: `out[t] = cast(Σ copies of token t, lowest rank first (+ biases))`.
 
-    The copies returned by rank j are rows `back_off[j]:back_off[j + 1]` (in `send_order`); `widen(dst, s, e)`
-    writes rows s..e (within one rank's block) as fp32 into `dst`. Returns the bags `(perm, offsets)` for the
-    top-k weights.
+    `blocks[j]` holds the copies rank j returned, in token order (token t has one iff `is_token_in_rank[t, j]`).
+    On CPU a large sum runs as one compiled loop (`fused_sum`), otherwise tile by tile here. Returns the bags
+    `(perm, offsets)` for the top-k weights.
     """
     hidden, dev = out.shape[1], out.device
+    perm, offsets = combine_index(handle)
+    if fused_sum(out, blocks, copy_index(handle.is_token_in_rank), biases):
+        return perm, offsets
+    back_off = [0]
+    for b in blocks:
+        back_off.append(back_off[-1] + b.shape[0])
+
+    def widen(dst: torch.Tensor, s: int, e: int) -> None:
+        j = bisect.bisect_right(back_off, s) - 1
+        dst.copy_(blocks[j][s - back_off[j] : e - back_off[j]])
 
     def scratch(n: int) -> torch.Tensor:
         return comm.take_scratch("combine_f32", (n, hidden), torch.float32, dev)
 
-    perm, offsets = combine_index(handle)
     bounds = tile_bounds(handle.num_tokens, back_off[-1], hidden, dev)
     starts = block_starts(lambda: handle.is_token_in_rank, bounds, back_off)
     comm.give_scratch("combine_f32", reduce_tiles(out, widen, perm, offsets, bounds, starts, scratch, biases))
