@@ -63,7 +63,8 @@ class Plan(NamedTuple):
     rank_prefix_matrix: torch.Tensor
 
 
-def pad(count: int, alignment: int) -> int:
+def pad(count, alignment: int):
+    """`count` (an int or an integer tensor) rounded up to a multiple of `alignment`."""
     return (count + alignment - 1) // alignment * alignment
 
 
@@ -119,7 +120,8 @@ def plan_receive(headers: torch.Tensor, rank: int, step: str) -> Plan:
             raise ValueError(f"num_worst_tokens ({worst}) of rank {i} is smaller than the {total} tokens it receives")
     experts_per_rank, alignment = rows[0][5] // R, rows[rank][4]
     base = HEADER + R + rank * experts_per_rank
-    per_expert = tuple(pad(sum(rows[i][base + e] for i in range(R)), alignment) for e in range(experts_per_rank))
+    counts = headers[:, base : base + experts_per_rank].sum(0)  # one op: a Python loop took ~0.2 ms at E = 256
+    per_expert = tuple(pad(counts, alignment).tolist())
     prefix = headers[:, HEADER : HEADER + R].cumsum(0).to(torch.int32)
     return Plan(recv_splits, sum(recv_splits), per_expert, prefix)
 
