@@ -291,10 +291,15 @@ def check_low_latency_bf16(c: Ctx) -> None:
     for e in range(E // c.R):
         y[e, int(count[e]) :] = float("nan")  # rows past recv_count are garbage to combine
     comb, _, _ = c.ll.low_latency_combine(y, idx, w, handle)
-    assert torch.equal(comb, reference_low_latency_combine(c.ll.group, recv, idx, w, num_max, E))
+    assert_equal(comb, reference_low_latency_combine(c.ll.group, recv, idx, w, num_max, E), "low-latency combine")
     want = x.float() * torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
     d = calc_diff(comb.float(), want)
     assert d < 1e-5, d
+    # Signed zeros: every copy of every third token becomes -0.0; the reference's sum starts at +0.0, so +0.0.
+    y[(src_info[:, : y.shape[1]].long() % 3 == 0)] = -0.0
+    comb, _, _ = c.ll.low_latency_combine(y, idx, w, handle)
+    ref = reference_low_latency_combine(c.ll.group, y, idx, w, num_max, E)
+    assert_equal(comb, ref, "low-latency combine with signed zeros")
 
 
 def check_low_latency_fp8(c: Ctx) -> None:
@@ -655,11 +660,13 @@ def check_stuck_peer_times_out_shm(c: Ctx) -> None:
 
 
 def check_compiled_sum_ran(c: Ctx) -> None:
-    """With `SEEKSTACK_EP_COMPILE=always` on CPU (and a C++ compiler), the combines above took the compiled sum."""
+    """With `SEEKSTACK_EP_COMPILE=always` on CPU (and a C++ compiler), the combines above took the compiled sums
+    (normal and low-latency)."""
     from seekstack.ep import fused_sum
 
     if fused_sum.mode() == "always" and c.dev.type == "cpu" and (shutil.which("c++") or shutil.which("g++")):
-        assert fused_sum.calls > 0, "no combine ran the compiled sum"
+        ran = {v[0] for v in fused_sum._variants}
+        assert ran == {"sum", "weighted"}, f"compiled sums run: {ran}"
 
 
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]

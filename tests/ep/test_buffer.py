@@ -115,6 +115,8 @@ COMPILED = [
     "check_dispatch_combine_bf16",
     "check_combine_sparse_and_full_routing",
     "check_autograd",
+    "check_low_latency_bf16",
+    "check_low_latency_hook_async_zero_copy",
     "check_compiled_sum_ran",  # last: the ones above took the compiled path
 ]
 

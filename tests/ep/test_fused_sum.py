@@ -79,3 +79,43 @@ def test_fused_sum_declines_when_off_or_small(monkeypatch):
 def test_copy_index():
     in_rank = torch.tensor([[1, 0], [0, 0], [1, 1], [1, 0]], dtype=torch.bool)
     assert fs.copy_index(in_rank).tolist() == [[0, -1], [-1, -1], [1, 0], [2, -1]]
+
+
+@needs_compiler
+@pytest.mark.parametrize("adjacent", [True, False])
+def test_fused_weighted_sum_matches_fp32_loop_bitwise(monkeypatch, adjacent):
+    """Low-latency combine's sum: Σ_k fp32(row) · w in k order, each product rounded once (no FMA), -1 skipped."""
+    monkeypatch.setenv("SEEKSTACK_EP_COMPILE", "always")
+    gen = torch.Generator().manual_seed(7 + adjacent)
+    T, K, H = 45, 6, 264
+    index = torch.randperm(T * K, generator=gen).view(T, K)
+    index[torch.rand(T, K, generator=gen) < 0.3] = -1
+    index[4] = -1  # a token routed nowhere: +0.0
+    n = T * K
+    rows = (torch.randn(n, H, generator=gen) * torch.exp2(torch.randint(-8, 8, (n, 1), generator=gen))).bfloat16()
+    rows[::4] = -0.0
+    weights = torch.rand(T, K, generator=gen)
+    cuts = [0, n // 3, n // 3, n]  # an empty block in the middle
+    if adjacent:  # slices of one receive buffer, as on the socket wires: used in place
+        blocks = [rows[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    else:  # rows in separate, NaN-padded buffers, as in the peers' windows: joined first
+        blocks = []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            parent = torch.full((b - a, H + 3), float("nan"), dtype=torch.bfloat16)
+            parent[:, :H] = rows[a:b]
+            blocks.append(parent[:, :H])
+    joined = []
+
+    def scratch(m: int) -> torch.Tensor:
+        joined.append(torch.full((m, H), float("nan"), dtype=torch.bfloat16))
+        return joined[-1]
+
+    out = torch.full((T, H), float("nan"), dtype=torch.bfloat16)
+    assert fs.fused_weighted_sum(out, blocks, index, weights, scratch)
+    assert len(joined) == (0 if adjacent else 1)
+    acc = torch.zeros(T, H)
+    for t in range(T):
+        for k in range(K):
+            if index[t, k] >= 0:
+                acc[t] += rows[index[t, k]].float() * weights[t, k]
+    assert torch.equal(out.view(torch.int16), acc.bfloat16().view(torch.int16))

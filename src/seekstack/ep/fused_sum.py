@@ -1,11 +1,13 @@
-"""Normal combine's sum on CPU as one compiled loop: gather each token's copies, add them in fp32 lowest rank first
+"""Combine sums on CPU as one compiled loop: gather each token's copies, add them in fp32 lowest rank first
 (+ biases), round once to bf16 — what `reduce.reduce_tiles` computes, bit for bit.
 
 Eager torch needs three passes for it (widen the bf16 rows to fp32, `embedding_bag`, cast): 4.2 ms for the
 bench's 3.7k copies x 2048 on one core. TorchInductor turns `_sum_kernel` into a single vectorised C++ loop that
 reads each bf16 copy once and writes each output once: 0.9 ms. The adds keep their order (a pointwise kernel: no
 reassociation), the final cast rounds to nearest even; an absent copy adds +0.0 and a zero sum is made +0.0, as
-the reference's sum starting at +0.0 gives.
+the reference's sum starting at +0.0 gives. Low-latency combine's weighted sum (`fused_weighted_sum`: each
+fp32(row) · w rounded once, then added in top-k order; the generated code keeps product and add apart, no FMA)
+takes 5.4-5.9 ms per call in the bench instead of 7.2-10.4.
 
 The first call in a process traces and compiles (4-7 s; the generated library is cached on disk), so the path is
 taken only for sums of at least `MIN_ELEMENTS` copied elements, where it pays back within a few calls, and
@@ -27,12 +29,19 @@ import warnings
 import torch
 
 MIN_ELEMENTS = 1 << 21  # 2M copied elements: ~3 ms saved per call, vs the one-time compile
-_MAX_VARIANTS = 6  # (ranks, biases) pairs compiled per process; dynamo's own limit is 8 per function
+_MAX_VARIANTS = 6  # shapes of the arguments' lists compiled per kernel; dynamo's own limit is 8 per function
 _DUMMY_ROWS = 2  # an empty block is replaced by zero rows; 2, since dynamo specialises sizes 0 and 1
 
-_compiled = None  # the torch.compile wrapper, False once it failed
-_variants: set[tuple[int, int]] = set()
+_failed = False  # set once a compile failed: the eager paths run from then on
+_compiled: dict[str, object] = {}  # kernel name -> its torch.compile wrapper
+_variants: set[tuple] = set()
 calls = 0  # sums this process ran compiled (the tests check the path was taken)
+
+
+def _positive_zero(acc: torch.Tensor) -> torch.Tensor:
+    # The reference adds to +0.0, so its sum is never -0.0 (+0 + -0 = +0); here the first term starts the sum
+    # (inductor would fold an explicit `0 + x` into `x` anyway), which differs only in the sign of a zero.
+    return torch.where(acc == 0, 0.0, acc)
 
 
 def _sum_kernel(out: torch.Tensor, blocks: list[torch.Tensor], index: torch.Tensor, biases: list[torch.Tensor]):
@@ -41,12 +50,23 @@ def _sum_kernel(out: torch.Tensor, blocks: list[torch.Tensor], index: torch.Tens
         at = index[:, j]
         copy = torch.where((at >= 0).unsqueeze(1), rows[at.clamp(min=0)].float(), 0.0)
         acc = copy if acc is None else acc + copy
-    # The reference adds to +0.0, so its sum is never -0.0 (+0 + -0 = +0); here the first copy starts the sum
-    # (inductor would fold an explicit `0 + x` into `x` anyway), which differs only in the sign of a zero.
-    acc = torch.where(acc == 0, 0.0, acc)
+    acc = _positive_zero(acc)
     for b in biases:
         acc = acc + b.float()  # a bf16 bias widens exactly and adds in fp32, as DeepEP adds it
     out.copy_(acc)
+
+
+def _weighted_kernel(out: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, k: int):
+    acc = None
+    for i in range(k):
+        at = index[:, i]
+        # fp32(y) * w rounded once, then added: the compiled code keeps the product and the add apart (no FMA)
+        term = torch.where((at >= 0).unsqueeze(1), rows[at.clamp(min=0)].float() * weights[:, i : i + 1], 0.0)
+        acc = term if acc is None else acc + term
+    out.copy_(_positive_zero(acc))
+
+
+_KERNELS = {"sum": _sum_kernel, "weighted": _weighted_kernel}
 
 
 def mode() -> str:
@@ -65,32 +85,66 @@ def copy_index(in_rank: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, rows, torch.full_like(rows, -1))
 
 
-def fused_sum(out: torch.Tensor, blocks: list[torch.Tensor], index: torch.Tensor, biases=()) -> bool:
-    """`out[t] = bf16(0 + Σ_j blocks[j][index[t, j]] (skipping -1) + biases[t])` in one compiled pass; False (and
-    `out` untouched or to be overwritten) when the eager path should run instead."""
-    global _compiled, calls
+def _wanted(out: torch.Tensor, rows: list[torch.Tensor], variant: tuple) -> bool:
     m = mode()
-    if m == "off" or _compiled is False or out.device.type != "cpu" or out.dtype != torch.bfloat16:
+    if m == "off" or _failed or out.device.type != "cpu" or out.dtype != torch.bfloat16:
         return False
-    if any(b.dtype != torch.bfloat16 or b.stride(-1) != 1 for b in blocks):
+    if any(r.dtype != torch.bfloat16 or r.stride(-1) != 1 for r in rows):
         return False
-    if m == "auto" and sum(b.shape[0] for b in blocks) * out.shape[1] < MIN_ELEMENTS:
+    if m == "auto" and sum(r.shape[0] for r in rows) * out.shape[1] < MIN_ELEMENTS:
         return False
-    variant = (len(blocks), len(biases))
-    if variant not in _variants and len(_variants) >= _MAX_VARIANTS:
-        return False
-    blocks = [b if b.shape[0] else b.new_zeros(_DUMMY_ROWS, out.shape[1]) for b in blocks]
+    same_kernel = sum(v[0] == variant[0] for v in _variants)
+    return variant in _variants or same_kernel < _MAX_VARIANTS
+
+
+def _run(variant: tuple, *args) -> bool:
+    global _failed, calls
+    name = variant[0]
     try:
         from torch._dynamo import config as dynamo_config  # imported on first use: it takes ~1 s
 
-        if _compiled is None:
-            _compiled = torch.compile(_sum_kernel, dynamic=True, fullgraph=True)
+        if name not in _compiled:
+            _compiled[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
         with dynamo_config.patch(fail_on_recompile_limit_hit=True):
-            _compiled(out, blocks, index, list(biases))
+            _compiled[name](*args)
     except Exception as exc:  # no C++ compiler, an inductor limit: the eager path is always right
-        _compiled = False
-        warnings.warn(f"seekstack.ep: no compiled combine sum, the eager one runs ({exc!r:.200})", stacklevel=2)
+        _failed = True
+        warnings.warn(f"seekstack.ep: no compiled combine sum, the eager one runs ({exc!r:.200})", stacklevel=3)
         return False
     _variants.add(variant)
     calls += 1
     return True
+
+
+def fused_sum(out: torch.Tensor, blocks: list[torch.Tensor], index: torch.Tensor, biases=()) -> bool:
+    """`out[t] = bf16(0 + Σ_j blocks[j][index[t, j]] (skipping -1) + biases[t])` in one compiled pass; False (and
+    `out` untouched or to be overwritten) when the eager path should run instead."""
+    variant = ("sum", len(blocks), len(biases))
+    if not _wanted(out, blocks, variant):
+        return False
+    blocks = [b if b.shape[0] else b.new_zeros(_DUMMY_ROWS, out.shape[1]) for b in blocks]
+    return _run(variant, out, blocks, index, list(biases))
+
+
+def _one_tensor(blocks: list[torch.Tensor], scratch) -> torch.Tensor:
+    """The blocks' rows as one tensor: a view when they are consecutive rows of one buffer (the socket and
+    all_to_all wires receive into one), else copied into `scratch(rows)` (blocks in several shared windows)."""
+    blocks = [b for b in blocks if b.shape[0]]
+    first, n = blocks[0], sum(b.shape[0] for b in blocks)
+    nxt = first.data_ptr()
+    for b in blocks:
+        if b.data_ptr() != nxt or b.stride() != first.stride() or not b.is_contiguous():
+            return torch.cat(blocks, out=scratch(n))
+        nxt += b.numel() * b.element_size()
+    return first.as_strided((n, first.shape[1]), first.stride())
+
+
+def fused_weighted_sum(out: torch.Tensor, blocks: list[torch.Tensor], index: torch.Tensor, weights, scratch) -> bool:
+    """Low-latency combine's sum: `out[t] = bf16(0 + Σ_k fp32(row(t, k)) · weights[t, k])`, k ascending, each
+    product rounded once, where `index[t, k]` numbers the blocks' rows end to end (-1: no row); False when the
+    eager path should run instead. `scratch(n)` gives a bf16 `[n, H]` buffer if the blocks must be joined."""
+    k = index.shape[1]
+    variant = ("weighted", k)
+    if k == 0 or sum(b.shape[0] for b in blocks) == 0 or not _wanted(out, blocks, variant):
+        return False
+    return _run(variant, out, _one_tensor(blocks, scratch), index, weights, k)

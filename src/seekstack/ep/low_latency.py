@@ -18,6 +18,7 @@ import torch
 
 from .events import EPCommError, EventOverlap
 from .fp8 import pack_ue8m0, per_token_cast_to_fp8
+from .fused_sum import fused_weighted_sum
 from .reduce import block_starts, reduce_tiles, tile_bounds
 from .routing import HEADER, MAGIC, OP_LL_COMBINE, OP_LL_DISPATCH, check_device, local_expert_table
 from .shared import read_headers, sections, view
@@ -312,6 +313,23 @@ def combine(comm, x, topk_idx, topk_weights, handle, async_finish: bool, return_
 
     def finish() -> None:
         rows = blocks()
+        bag = torch.empty_like(by_dest)
+        bag[by_dest] = torch.arange(by_dest.numel(), device=dev)  # token-major pair → its received row
+        index = torch.full((T * K,), -1, dtype=torch.int64, device=dev)
+        index.index_copy_(0, pair, bag)
+
+        taken = []
+
+        def joined(n: int) -> torch.Tensor:
+            taken.append(comm.take_scratch("ll_combine_joined", (n, h.hidden), torch.bfloat16, dev))
+            return taken[-1]
+
+        if fused_weighted_sum(combined, rows, index.view(T, K), topk_weights, joined):
+            for t in taken:
+                comm.give_scratch("ll_combine_joined", t)
+            if recv is not None:
+                comm.give_scratch("ll_combine_recv", recv)
+            return
         w = topk_weights.reshape(-1).index_select(0, pair.index_select(0, by_dest))  # weight of each received row
 
         def widen(dst: torch.Tensor, s: int, e: int) -> None:
@@ -329,8 +347,6 @@ def combine(comm, x, topk_idx, topk_weights, handle, async_finish: bool, return_
             ones = torch.ones_like(dest_all)
             return torch.zeros(T, R + 1, dtype=torch.int64, device=dev).scatter_add_(1, dest_all, ones)[:, :R]
 
-        bag = torch.empty_like(by_dest)
-        bag[by_dest] = torch.arange(by_dest.numel(), device=dev)  # token-major pair → its received row
         counts = valid.sum(1)
         bounds = tile_bounds(T, pair.numel(), h.hidden, dev)
         starts = block_starts(per_token_rows, bounds, recv_off)
