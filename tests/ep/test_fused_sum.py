@@ -50,7 +50,7 @@ def _reference(in_rank, blocks, biases, T, H):
     [(37, 136, 4, 0.9, None, 0), (64, 2051, 3, 0.5, 1, 1), (5, 128, 2, 0.7, 0, 2), (129, 384, 8, 0.3, None, 1)],
 )
 def test_fused_sum_matches_fp32_loop_bitwise(monkeypatch, T, H, R, p, empty, nbias):
-    monkeypatch.setenv("SEEKSTACK_EP_COMPILE", "always")
+    monkeypatch.setenv("SEEKSTACK_CPU_COMPILE", "always")
     gen = torch.Generator().manual_seed(T * 1000 + H)
     in_rank, blocks = _case(gen, T, H, R, p, empty)
     biases = [torch.randn(T, H, generator=gen).to(dt) for dt in (torch.bfloat16, torch.float32)][:nbias]
@@ -69,9 +69,9 @@ def test_fused_sum_declines_when_off_or_small(monkeypatch):
     in_rank, blocks = _case(torch.Generator().manual_seed(1), 16, 128, 2, 0.8)
     out = torch.empty(16, 128, dtype=torch.bfloat16)
     index = fs.copy_index(in_rank)
-    monkeypatch.setenv("SEEKSTACK_EP_COMPILE", "off")
+    monkeypatch.setenv("SEEKSTACK_CPU_COMPILE", "off")
     assert not fs.fused_sum(out, blocks, index)
-    monkeypatch.setenv("SEEKSTACK_EP_COMPILE", "auto")
+    monkeypatch.setenv("SEEKSTACK_CPU_COMPILE", "auto")
     assert not fs.fused_sum(out, blocks, index)  # far below MIN_ELEMENTS: the eager path is cheaper
     assert not fs.fused_sum(out.float(), [b.float() for b in blocks], index)  # fp32 outputs stay eager
 
@@ -85,7 +85,7 @@ def test_copy_index():
 @pytest.mark.parametrize("adjacent", [True, False])
 def test_fused_weighted_sum_matches_fp32_loop_bitwise(monkeypatch, adjacent):
     """Low-latency combine's sum: Σ_k fp32(row) · w in k order, each product rounded once (no FMA), -1 skipped."""
-    monkeypatch.setenv("SEEKSTACK_EP_COMPILE", "always")
+    monkeypatch.setenv("SEEKSTACK_CPU_COMPILE", "always")
     gen = torch.Generator().manual_seed(7 + adjacent)
     T, K, H = 45, 6, 264
     index = torch.randperm(T * K, generator=gen).view(T, K)

@@ -120,7 +120,7 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> dict:
             t_craw / t_c,
         ]
     )
-    return {"rows": rows, "compiled_sum": fused_sum.calls > 0}
+    return {"rows": rows, "compiled_sum": fused_sum.SUM.calls > 0}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ class Buffer:
     the gloo default otherwise) or `"all_to_all"` (one `all_to_all_single` per field, the default on every other
     backend). The shared windows are set up by the first normal-mode call (a collective, like the constructor of
     DeepEP's Buffer). On CPU the first large combine of a process compiles its sum (`seekstack.ep.fused_sum`,
-    4-7 s, once), so a `timeout_s` below ~30 s may need `SEEKSTACK_EP_COMPILE=off`.
+    4-7 s, once), so a `timeout_s` below ~30 s may need `SEEKSTACK_CPU_COMPILE=off`.
 
     >>> Buffer.set_num_sms(24); Buffer.num_sms
     24

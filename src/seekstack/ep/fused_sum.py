@@ -10,9 +10,10 @@ fp32(row) · w rounded once, then added in top-k order; the generated code keeps
 takes 5.4-5.9 ms per call in the bench instead of 7.2-10.4.
 
 The first call in a process traces and compiles (4-7 s; the generated library is cached on disk), so the path is
-taken only for sums of at least `MIN_ELEMENTS` copied elements, where it pays back within a few calls, and
-`SEEKSTACK_EP_COMPILE` chooses: `auto` (default), `always` (any size, used by the tests) or `off`. Without a
-working C++ toolchain, or on any compile error, it warns once and the eager path takes over for the process.
+taken only for sums of at least `MIN_ELEMENTS` copied elements, where it pays back within a few calls;
+`SEEKSTACK_CPU_COMPILE` chooses: `auto` (default), `always` (any size, used by the tests) or `off`. Without a
+working C++ toolchain, or on any compile error, it warns once and the eager path takes over for the process
+(`seekstack.cpu_compile`).
 
 >>> import torch
 >>> out = torch.empty(2, 4, dtype=torch.bfloat16)
@@ -23,19 +24,12 @@ working C++ toolchain, or on any compile error, it warns once and the eager path
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 
-MIN_ELEMENTS = 1 << 21  # 2M copied elements: ~3 ms saved per call, vs the one-time compile
-_MAX_VARIANTS = 6  # shapes of the arguments' lists compiled per kernel; dynamo's own limit is 8 per function
-_DUMMY_ROWS = 2  # an empty block is replaced by zero rows; 2, since dynamo specialises sizes 0 and 1
+from seekstack.cpu_compile import CompiledKernel, mode
 
-_failed = False  # set once a compile failed: the eager paths run from then on
-_compiled: dict[str, object] = {}  # kernel name -> its torch.compile wrapper
-_variants: set[tuple] = set()
-calls = 0  # sums this process ran compiled (the tests check the path was taken)
+MIN_ELEMENTS = 1 << 21  # 2M copied elements: ~3 ms saved per call, vs the one-time compile
+_DUMMY_ROWS = 2  # an empty block is replaced by zero rows; 2, since dynamo specialises sizes 0 and 1
 
 
 def _positive_zero(acc: torch.Tensor) -> torch.Tensor:
@@ -66,16 +60,8 @@ def _weighted_kernel(out: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
     out.copy_(_positive_zero(acc))
 
 
-_KERNELS = {"sum": _sum_kernel, "weighted": _weighted_kernel}
-
-
-def mode() -> str:
-    value = os.environ.get("SEEKSTACK_EP_COMPILE", "auto").strip().lower()
-    if value in ("0", "off", "false", "no"):
-        return "off"
-    if value in ("1", "always", "on", "true", "yes"):
-        return "always"
-    return "auto"
+SUM = CompiledKernel("ep combine sum", _sum_kernel)
+WEIGHTED = CompiledKernel("ep low-latency combine sum", _weighted_kernel)
 
 
 def copy_index(in_rank: torch.Tensor) -> torch.Tensor:
@@ -85,45 +71,23 @@ def copy_index(in_rank: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, rows, torch.full_like(rows, -1))
 
 
-def _wanted(out: torch.Tensor, rows: list[torch.Tensor], variant: tuple) -> bool:
+def _wanted(out: torch.Tensor, rows: list[torch.Tensor]) -> bool:
     m = mode()
-    if m == "off" or _failed or out.device.type != "cpu" or out.dtype != torch.bfloat16:
+    if m == "off" or out.device.type != "cpu" or out.dtype != torch.bfloat16:
         return False
     if any(r.dtype != torch.bfloat16 or r.stride(-1) != 1 for r in rows):
         return False
-    if m == "auto" and sum(r.shape[0] for r in rows) * out.shape[1] < MIN_ELEMENTS:
-        return False
-    same_kernel = sum(v[0] == variant[0] for v in _variants)
-    return variant in _variants or same_kernel < _MAX_VARIANTS
-
-
-def _run(variant: tuple, *args) -> bool:
-    global _failed, calls
-    name = variant[0]
-    try:
-        from torch._dynamo import config as dynamo_config  # imported on first use: it takes ~1 s
-
-        if name not in _compiled:
-            _compiled[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
-        with dynamo_config.patch(fail_on_recompile_limit_hit=True):
-            _compiled[name](*args)
-    except Exception as exc:  # no C++ compiler, an inductor limit: the eager path is always right
-        _failed = True
-        warnings.warn(f"seekstack.ep: no compiled combine sum, the eager one runs ({exc!r:.200})", stacklevel=3)
-        return False
-    _variants.add(variant)
-    calls += 1
-    return True
+    return m == "always" or sum(r.shape[0] for r in rows) * out.shape[1] >= MIN_ELEMENTS
 
 
 def fused_sum(out: torch.Tensor, blocks: list[torch.Tensor], index: torch.Tensor, biases=()) -> bool:
     """`out[t] = bf16(0 + Σ_j blocks[j][index[t, j]] (skipping -1) + biases[t])` in one compiled pass; False (and
     `out` untouched or to be overwritten) when the eager path should run instead."""
-    variant = ("sum", len(blocks), len(biases))
-    if not _wanted(out, blocks, variant):
+    variant = (len(blocks), len(biases))
+    if not _wanted(out, blocks) or not SUM.usable(variant):
         return False
     blocks = [b if b.shape[0] else b.new_zeros(_DUMMY_ROWS, out.shape[1]) for b in blocks]
-    return _run(variant, out, blocks, index, list(biases))
+    return SUM(variant, out, blocks, index, list(biases))
 
 
 def _one_tensor(blocks: list[torch.Tensor], scratch) -> torch.Tensor:
@@ -144,7 +108,6 @@ def fused_weighted_sum(out: torch.Tensor, blocks: list[torch.Tensor], index: tor
     product rounded once, where `index[t, k]` numbers the blocks' rows end to end (-1: no row); False when the
     eager path should run instead. `scratch(n)` gives a bf16 `[n, H]` buffer if the blocks must be joined."""
     k = index.shape[1]
-    variant = ("weighted", k)
-    if k == 0 or sum(b.shape[0] for b in blocks) == 0 or not _wanted(out, blocks, variant):
+    if k == 0 or sum(b.shape[0] for b in blocks) == 0 or not _wanted(out, blocks) or not WEIGHTED.usable(k):
         return False
-    return _run(variant, out, _one_tensor(blocks, scratch), index, weights, k)
+    return WEIGHTED(k, out, _one_tensor(blocks, scratch), index, weights, k)
