@@ -124,7 +124,7 @@ COMPILED = [
 @pytest.fixture(scope="module", params=["shm", "p2p"])
 def results_2_compiled(request):
     """The combine checks with the compiled CPU sum forced on (`SEEKSTACK_CPU_COMPILE=always`; by default only
-    sums of ≥ 2M elements take it), over the shared windows and over sockets."""
+    sums of ≥ 1M elements take it), over the shared windows and over sockets."""
     with mock.patch.dict(os.environ, {"SEEKSTACK_CPU_COMPILE": "always"}):
         return run_ranks(str(CHECKS_FILE), "run_checks", 2, args=(SEED, COMPILED, request.param), timeout_s=240)
 
