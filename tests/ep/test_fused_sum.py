@@ -57,7 +57,7 @@ def test_fused_sum_matches_fp32_loop_bitwise(seed, monkeypatch, T, H, R, p, empt
     for b in biases:
         b[::4] = -0.0  # +0.0 + -0.0 = +0.0 for tokens without copies
     out = torch.full((T, H), float("nan"), dtype=torch.bfloat16)
-    assert fs.fused_sum(out, blocks, fs.copy_index(in_rank), biases)
+    assert fs.fused_sum(out, blocks, in_rank, biases)
     want = _reference(in_rank, blocks, biases, T, H)
     assert torch.equal(out.view(torch.int16), want.view(torch.int16))
     if nbias == 0:
@@ -68,12 +68,11 @@ def test_fused_sum_matches_fp32_loop_bitwise(seed, monkeypatch, T, H, R, p, empt
 def test_fused_sum_declines_when_off_or_small(monkeypatch):
     in_rank, blocks = _case(torch.Generator().manual_seed(1), 16, 128, 2, 0.8)
     out = torch.empty(16, 128, dtype=torch.bfloat16)
-    index = fs.copy_index(in_rank)
     monkeypatch.setenv("SEEKSTACK_CPU_COMPILE", "off")
-    assert not fs.fused_sum(out, blocks, index)
+    assert not fs.fused_sum(out, blocks, in_rank)
     monkeypatch.setenv("SEEKSTACK_CPU_COMPILE", "auto")
-    assert not fs.fused_sum(out, blocks, index)  # far below MIN_ELEMENTS: the eager path is cheaper
-    assert not fs.fused_sum(out.float(), [b.float() for b in blocks], index)  # fp32 outputs stay eager
+    assert not fs.fused_sum(out, blocks, in_rank)  # far below MIN_ELEMENTS: the eager path is cheaper
+    assert not fs.fused_sum(out.float(), [b.float() for b in blocks], in_rank)  # fp32 outputs stay eager
 
 
 def test_copy_index():
@@ -111,7 +110,7 @@ def test_fused_weighted_sum_matches_fp32_loop_bitwise(seed, monkeypatch, adjacen
         return joined[-1]
 
     out = torch.full((T, H), float("nan"), dtype=torch.bfloat16)
-    assert fs.fused_weighted_sum(out, blocks, index, weights, scratch)
+    assert fs.fused_weighted_sum(out, blocks, lambda: index, weights, scratch)
     assert len(joined) == (0 if adjacent else 1)
     acc = torch.zeros(T, H)
     for t in range(T):

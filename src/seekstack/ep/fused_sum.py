@@ -19,8 +19,8 @@ working C++ toolchain, or on any compile error, it warns once and the eager path
 >>> import torch
 >>> out = torch.empty(2, 4, dtype=torch.bfloat16)
 >>> blocks = [torch.ones(1, 4, dtype=torch.bfloat16), torch.full((2, 4), 2.0, dtype=torch.bfloat16)]
->>> index = torch.tensor([[0, 0], [-1, 1]])  # token 1 has no copy from rank 0
->>> # fused_sum(out, blocks, index) -> True; out == [[3, 3, 3, 3], [2, 2, 2, 2]]
+>>> in_rank = torch.tensor([[True, True], [False, True]])  # token 1 has no copy from rank 0
+>>> # fused_sum(out, blocks, in_rank) -> True; out == [[3, 3, 3, 3], [2, 2, 2, 2]]
 """
 
 from __future__ import annotations
@@ -81,14 +81,15 @@ def _wanted(out: torch.Tensor, rows: list[torch.Tensor]) -> bool:
     return m == "always" or sum(r.shape[0] for r in rows) * out.shape[1] >= MIN_ELEMENTS
 
 
-def fused_sum(out: torch.Tensor, blocks: list[torch.Tensor], index: torch.Tensor, biases=()) -> bool:
-    """`out[t] = bf16(0 + Σ_j blocks[j][index[t, j]] (skipping -1) + biases[t])` in one compiled pass; False (and
-    `out` untouched or to be overwritten) when the eager path should run instead."""
+def fused_sum(out: torch.Tensor, blocks: list[torch.Tensor], in_rank: torch.Tensor, biases=()) -> bool:
+    """`out[t] = bf16(0 + Σ_j blocks[j][row of t] (if in_rank[t, j]) + biases[t])` in one compiled pass, where
+    `blocks[j]` holds the copies of the tokens with `in_rank[:, j]`, in token order; False (and `out` untouched or
+    to be overwritten) when the eager path should run instead."""
     variant = (len(blocks), len(biases))
     if not _wanted(out, blocks) or not SUM.usable(variant):
         return False
     blocks = [b if b.shape[0] else b.new_zeros(_DUMMY_ROWS, out.shape[1]) for b in blocks]
-    return SUM(variant, out, blocks, index, list(biases))
+    return SUM(variant, out, blocks, copy_index(in_rank), list(biases))
 
 
 def _one_tensor(blocks: list[torch.Tensor], scratch) -> torch.Tensor:
@@ -104,11 +105,12 @@ def _one_tensor(blocks: list[torch.Tensor], scratch) -> torch.Tensor:
     return first.as_strided((n, first.shape[1]), first.stride())
 
 
-def fused_weighted_sum(out: torch.Tensor, blocks: list[torch.Tensor], index: torch.Tensor, weights, scratch) -> bool:
+def fused_weighted_sum(out: torch.Tensor, blocks: list[torch.Tensor], index, weights, scratch) -> bool:
     """Low-latency combine's sum: `out[t] = bf16(0 + Σ_k fp32(row(t, k)) · weights[t, k])`, k ascending, each
-    product rounded once, where `index[t, k]` numbers the blocks' rows end to end (-1: no row); False when the
-    eager path should run instead. `scratch(n)` gives a bf16 `[n, H]` buffer if the blocks must be joined."""
-    k = index.shape[1]
+    product rounded once, where `index()` gives `[T, K]` numbers of the blocks' rows end to end (-1: no row) (built
+    only when the path runs); False when the eager path should run instead. `scratch(n)` gives a bf16 `[n, H]`
+    buffer if the blocks must be joined."""
+    k = weights.shape[1]
     if k == 0 or sum(b.shape[0] for b in blocks) == 0 or not _wanted(out, blocks) or not WEIGHTED.usable(k):
         return False
-    return WEIGHTED(k, out, _one_tensor(blocks, scratch), index, weights, k)
+    return WEIGHTED(k, out, _one_tensor(blocks, scratch), index(), weights, k)

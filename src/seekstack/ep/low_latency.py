@@ -315,8 +315,9 @@ def combine(comm, x, topk_idx, topk_weights, handle, async_finish: bool, return_
         rows = blocks()
         bag = torch.empty_like(by_dest)
         bag[by_dest] = torch.arange(by_dest.numel(), device=dev)  # token-major pair → its received row
-        index = torch.full((T * K,), -1, dtype=torch.int64, device=dev)
-        index.index_copy_(0, pair, bag)
+
+        def index() -> torch.Tensor:  # [T, K]: the received row of each (token, k) pair, -1 for none
+            return torch.full((T * K,), -1, dtype=torch.int64, device=dev).index_copy_(0, pair, bag).view(T, K)
 
         taken = []
 
@@ -324,7 +325,7 @@ def combine(comm, x, topk_idx, topk_weights, handle, async_finish: bool, return_
             taken.append(comm.take_scratch("ll_combine_joined", (n, h.hidden), torch.bfloat16, dev))
             return taken[-1]
 
-        if fused_weighted_sum(combined, rows, index.view(T, K), topk_weights, joined):
+        if fused_weighted_sum(combined, rows, index, topk_weights, joined):
             for t in taken:
                 comm.give_scratch("ll_combine_joined", t)
             if recv is not None:

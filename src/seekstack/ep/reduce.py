@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .fused_sum import copy_index, fused_sum
+from .fused_sum import fused_sum
 from .routing import DispatchHandle, combine_index
 
 _MAX_TILES = 64
@@ -119,7 +119,7 @@ def sum_copies(comm, handle: DispatchHandle, out: torch.Tensor, blocks: list[tor
     """
     hidden, dev = out.shape[1], out.device
     perm, offsets = combine_index(handle)
-    if fused_sum(out, blocks, copy_index(handle.is_token_in_rank), biases):
+    if fused_sum(out, blocks, handle.is_token_in_rank, biases):
         return perm, offsets
     back_off = [0]
     for b in blocks:

@@ -63,8 +63,7 @@ class Plan(NamedTuple):
     rank_prefix_matrix: torch.Tensor
 
 
-def pad(count, alignment: int):
-    """`count` (an int or an integer tensor) rounded up to a multiple of `alignment`."""
+def pad(count: int, alignment: int) -> int:
     return (count + alignment - 1) // alignment * alignment
 
 
@@ -120,8 +119,9 @@ def plan_receive(headers: torch.Tensor, rank: int, step: str) -> Plan:
             raise ValueError(f"num_worst_tokens ({worst}) of rank {i} is smaller than the {total} tokens it receives")
     experts_per_rank, alignment = rows[0][5] // R, rows[rank][4]
     base = HEADER + R + rank * experts_per_rank
-    counts = headers[:, base : base + experts_per_rank].sum(0)  # one op: a Python loop took ~0.2 ms at E = 256
-    per_expert = tuple(pad(counts, alignment).tolist())
+    # Column sums of the host rows via zip (an indexed double loop took ~0.2 ms at E = 256; a tensor op on the
+    # header would add a device sync under NCCL).
+    per_expert = tuple(pad(sum(col), alignment) for col in zip(*(r[base : base + experts_per_rank] for r in rows)))
     prefix = headers[:, HEADER : HEADER + R].cumsum(0).to(torch.int32)
     return Plan(recv_splits, sum(recv_splits), per_expert, prefix)
 
