@@ -108,6 +108,35 @@ def test_meta_on_postgres_concurrent_creates(postgres_url):
     assert metas[0].stat("/e/f2_14", ROOT)["size"] == 14
 
 
+def test_postgres_stores_created_at_the_same_moment(postgres_url):
+    """Meta processes starting together all create the table; CREATE TABLE IF NOT EXISTS alone lets one of them
+    fail on the catalog (seen in CI as DuplicateObject for the table's row type)."""
+    import psycopg
+
+    for _ in range(5):
+        with psycopg.connect(postgres_url, autocommit=True) as c:
+            c.execute("DROP TABLE IF EXISTS kv")
+        start, errors, stores = threading.Barrier(6), [], []
+
+        def create():
+            start.wait()
+            try:
+                stores.append(open_store(postgres_url))
+            except Exception as e:  # pragma: no cover - the failure this test exists to catch
+                errors.append(e)
+
+        threads = [threading.Thread(target=create) for _ in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert errors == []
+        stores[0].run(lambda t: t.set(b"k", b"v"))
+        assert stores[5].read(lambda t: t.get(b"k")) == b"v"
+        for st in stores:
+            st.close()
+
+
 def test_unknown_scheme():
     with pytest.raises(ValueError, match="url"):
         open_store("redis://x")

@@ -11,6 +11,10 @@ import threading
 from seekstack.fs.kv.base import Conflict, KVStore, Transaction
 
 
+# Any fixed 64-bit number; it names the lock that serializes creating the table.
+_CREATE_LOCK_ID = 0x5EE5_57AC_0000_0001
+
+
 class _PgTxn(Transaction):
     def __init__(self, cur):
         self.cur = cur
@@ -47,11 +51,13 @@ class PostgresStore(KVStore):
         self.dsn = dsn
         self._psycopg = psycopg
         self._local = threading.local()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            try:
+        # CREATE TABLE IF NOT EXISTS is not race-free: two meta processes starting together can both pass the
+        # check and one fails on the catalog (UniqueViolation, DuplicateTable or DuplicateObject for the row type).
+        # A transaction-scoped advisory lock makes the creation one-at-a-time.
+        with psycopg.connect(dsn) as conn:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CREATE_LOCK_ID,))
                 conn.execute("CREATE TABLE IF NOT EXISTS kv (k BYTEA PRIMARY KEY, v BYTEA NOT NULL)")
-            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
-                pass  # another meta process created it at the same moment (IF NOT EXISTS is not race-free)
 
     def _conn(self):
         conn = getattr(self._local, "conn", None)
