@@ -118,7 +118,7 @@ def test_postgres_stores_created_at_the_same_moment(postgres_url):
             c.execute("DROP TABLE IF EXISTS kv")
         start, errors, stores = threading.Barrier(6), [], []
 
-        def create():
+        def create(start=start, stores=stores, errors=errors):
             start.wait()
             try:
                 stores.append(open_store(postgres_url))

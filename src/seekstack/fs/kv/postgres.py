@@ -10,7 +10,6 @@ import threading
 
 from seekstack.fs.kv.base import Conflict, KVStore, Transaction
 
-
 # Any fixed 64-bit number; it names the lock that serializes creating the table.
 _CREATE_LOCK_ID = 0x5EE5_57AC_0000_0001
 
