@@ -54,9 +54,13 @@ CASES = [
 
 @pytest.mark.parametrize("m,n,k,b_gran,chunk,plan", CASES)
 @pytest.mark.parametrize("out_dtype,with_c", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
-def test_plans_match_the_dequantised_reference(seed, monkeypatch, m, n, k, b_gran, chunk, plan, out_dtype, with_c):
+@pytest.mark.parametrize("decode", ["native", "eager"])  # the C decode (when it builds here) and the torch passes
+def test_plans_match_the_dequantised_reference(
+    seed, monkeypatch, m, n, k, b_gran, chunk, plan, out_dtype, with_c, decode
+):
     monkeypatch.setattr(cpu, "_CHUNK_BYTES", chunk)
-    assert cpu._plan(m, n, ceil_div(k, 128) * 128) == plan
+    monkeypatch.setenv("SEEKSTACK_CPU_COMPILE", "auto" if decode == "native" else "off")
+    assert cpu._plan(m, n, ceil_div(k, 128) * 128) == plan  # the eager plans; native ones: test_native_plans
     a, sfa, b, sfb = _operands(m, n, k, b_gran)
     c = torch.randn(m, n) * 1e3 if with_c else None
     want = torch.empty(m, n)
@@ -66,6 +70,23 @@ def test_plans_match_the_dequantised_reference(seed, monkeypatch, m, n, k, b_gra
     assert d.isfinite().all()
     # fp32: only the summation order differs; bf16: plus the output rounding (2**-9 relative).
     assert calc_diff(d, want) < (1e-10 if out_dtype == torch.float32 else 1e-5)
+
+
+def test_native_plans(monkeypatch):
+    # With the C decode the weight goes left from K >= M (its transposes are cheap), and a chunk grows with the
+    # threads that decode it.
+    monkeypatch.setattr(cpu, "_CHUNK_BYTES", 16 << 10)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu._plan(64, 1000, 128, native=True) == (32, True)
+        assert cpu._plan(64, 1000, 128, native=False) == (32, False)
+        assert cpu._plan(130, 1000, 128, native=True) == (32, False)
+        torch.set_num_threads(2)
+        assert cpu._plan(64, 1000, 128, native=True) == (64, True)
+        assert cpu._plan(64, 1000, 128, native=False) == (32, False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("m,k", [(7, 129), (64, 128)])
