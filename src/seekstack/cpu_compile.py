@@ -1,7 +1,8 @@
 """Small CPU kernels compiled by TorchInductor into one vectorised C++ loop, with the eager path as the fallback.
 
 Some CPU hot spots are chains of elementwise torch ops whose eager form makes one memory pass per op (EP's
-combine sums, the FP8 weight decode of the GEMM); compiled, they make one. A `CompiledKernel` compiles on its first
+combine sums); compiled, they make one. (Work too small per call for a compiled function's ~30 us of guards
+goes to `seekstack.cpu_native` instead.) A `CompiledKernel` compiles on its first
 call in a process (1-7 s; inductor caches the generated library on disk), recompiles for each new *variant* (the
 caller's key for what changes the traced graph: list lengths, a static size) up to `max_variants`, and returns
 False instead of running whenever the eager path should run: compilation switched off, too many variants, or any
