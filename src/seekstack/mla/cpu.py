@@ -1,5 +1,9 @@
 """Vectorised PyTorch MLA decoding with bounded memory: the path chosen on CPU.
 
+bf16 problems over a dense cache go first to the C kernel (`seekstack.mla.native`, 2-3x faster: it keeps a tile
+of keys in cache across both products and the softmax); this path takes the rest (other dtypes, FP8 and sparse
+caches, no compiler) and is tested on every case on its own (`native=False`).
+
 `cpu_plan.make_plan` sorts the requests by length and cuts the work into steps of at most `tokens_per_step` keys:
 short requests of similar length share a step, a long one is cut into equal chunks. A step gathers its pages (or
 sparse slots) into one fp32 keys tile that serves both matmuls: scores = keys q^T over all d columns (the softmax
@@ -299,10 +303,20 @@ class _Decode:
         return self.out, lse.contiguous()
 
 
-def mla_decode_cpu(p: DecodeProblem, tokens_per_step: int = DEFAULT_TOKENS_PER_STEP) -> tuple[torch.Tensor, ...]:
-    """(out [b, s_q, h_q, dv] in q's dtype, lse fp32 [b, h_q, s_q]) for a validated problem."""
+def mla_decode_cpu(
+    p: DecodeProblem, tokens_per_step: int = DEFAULT_TOKENS_PER_STEP, native: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """(out [b, s_q, h_q, dv] in q's dtype, lse fp32 [b, h_q, s_q]) for a validated problem.
+
+    `native`: use the C kernel (`seekstack.mla.native`) where it applies; False forces the PyTorch steps below."""
     if tokens_per_step < 1:
         raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+    if native:
+        from seekstack.mla import native as native_kernel
+
+        result = native_kernel.decode(p)
+        if result is not None:
+            return result
     run = _Decode(p, tokens_per_step)
     threads = torch.get_num_threads()
     units = _lane_units(run.plan, p.rows) if threads > 1 and p.q.device.type == "cpu" else []

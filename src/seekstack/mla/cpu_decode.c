@@ -1,0 +1,342 @@
+/* MLA decoding over a paged bf16 cache on AVX-512 CPUs, for seekstack.mla's CPU path (built and loaded by
+ * seekstack.cpu_native; the vectorised PyTorch path runs wherever this does not: other dtypes, FP8 or sparse
+ * caches, no AVX-512, no compiler).
+ *
+ * Why C: the PyTorch path runs one step per group of requests as separate ops: gather the pages, widen them to
+ * fp32 (PyTorch has no bf16-in/fp32-out CPU matmul), two MKL sgemms with 16-128 rows, softmax ops; at h_q = 16 a
+ * key cost ~730 ns of one thread, ~300 of them gathering and widening pages. Here a tile of 16 keys is widened once
+ * into L1-sized fp32 rows that both products read while they are in cache, and the softmax runs in registers.
+ * (AVX512-BF16's VDPBF16PS, tried first for the scores, ran at half the fp32 FMA rate on this Xeon.)
+ *
+ * Work item: one request, one KV head and up to ROWS query rows (rows = s_q x h_q / h_kv as FlashMLA counts
+ * them; row r is query position r / group, head g * group + r % group). Per tile of 16 keys:
+ *   scores: 4 rows x 4 keys in 16 accumulators over d / 16 chunks (a key load feeds 4 FMAs), summed across lanes
+ *           by a transpose-and-add tree, the quarters transposed into one vector of 16 scores per row;
+ *   online softmax in base 2: running max m per row, sums kept 16 lanes wide, earlier sums and outputs rescaled by
+ *           2^(m - m'), the rescale factors computed for 16 rows per exp2;
+ *   P V: 4 rows x 64 output columns in 16 registers per pass over the tile's 16 V rows (the first dv columns of K).
+ * Keys past the request's length are read from a zero row (cache slots there may hold NaN); the bottom-right causal
+ * mask (query position s sees keys < length - (s_q - 1 - s)) and the length set masked scores to -inf. A row that
+ * sees no key gets out = 0 and lse = +inf, as the reference. Threads (OpenMP, torch's own libgomp when loaded after
+ * torch) take work items dynamically, longest requests first.
+ *
+ * One thread at h_q = 16, s_q = 1 (this Xeon): ~23 ns per (row, key) = 7.5 scores + 6.5 P V (both within 10 % of
+ * the FMA peak) + 4 widening and memory + 3.5 softmax, reductions and bookkeeping.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SEEKSTACK_MLA_KERNEL 1
+#include <immintrin.h>
+#else
+#define SEEKSTACK_MLA_KERNEL 0
+#endif
+
+int seekstack_mla_supported(void) { return SEEKSTACK_MLA_KERNEL; }
+
+#if SEEKSTACK_MLA_KERNEL
+
+enum { KT = 16, ROWS = 64, MAX_D = 1024 };
+
+/* One vector of the 16 accumulators' horizontal sums, lane t = sum of a[t]. */
+static inline __m512 sum16(const __m512 a[16]) {
+    __m512 x[8], z[4];
+    for (int p = 0; p < 8; p++) /* [a0+a2, b0+b2, a1+a3, b1+b3] per 128-bit quarter */
+        x[p] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]), _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]));
+    for (int p = 0; p < 4; p++) { /* [a, b, c, d] partial sums per quarter */
+        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(x[2 * p]), _mm512_castps_pd(x[2 * p + 1]));
+        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(x[2 * p]), _mm512_castps_pd(x[2 * p + 1]));
+        z[p] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x44), _mm512_shuffle_f32x4(z[0], z[1], 0xEE));
+    __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x44), _mm512_shuffle_f32x4(z[2], z[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88), _mm512_shuffle_f32x4(u01, u23, 0xDD));
+}
+
+/* 2^x, relative error < 2e-7; 2^-inf = 0 (x is clamped at -200, which scalef underflows to 0). */
+static inline __m512 exp2_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n); /* [-0.5, 0.5] */
+    __m512 p = _mm512_set1_ps(1.5252734e-5f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530e-4f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* dst[0:n] = src[0:n] as fp32 (bf16 is fp32's top half); n a multiple of 16. */
+static inline void widen(const uint16_t *src, int64_t n, float *dst) {
+    for (int64_t c = 0; c < n; c += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(src + c));
+        _mm512_storeu_ps(dst + c, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even (outputs are finite) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+typedef struct {
+    const uint16_t *q, *k_cache;
+    const int32_t *block_table, *seqlens;
+    uint16_t *out;
+    float *lse;
+    int64_t b, s_q, h_q, h_kv, d, dv, page;
+    int64_t block_stride, row_stride, head_stride, table_stride;
+    float scale_log2; /* softmax scale x log2(e) */
+    int causal;
+} Problem;
+
+typedef struct {
+    float *acc;        /* [ROWS][stride]: unnormalised outputs */
+    float *v;          /* [KT][stride]: the tile's key rows in fp32 (V = their first dv columns) */
+    float *qf;         /* [ROWS][stride]: the query rows in fp32 */
+    int64_t stride;    /* d + 16: rows 64 bytes off a multiple of 4 KiB, so 16 of them do not share L1 sets */
+    float s[ROWS][KT]; /* the tile's scores */
+    float p[ROWS][KT]; /* the tile's probabilities (2^(s - m)) */
+    float alpha[ROWS]; /* 2^(m_old - m_new) of the tile */
+    float m[ROWS], m_new[ROWS];
+    float l[ROWS][KT]; /* running sums, per lane */
+} Workspace;
+
+static const uint16_t ZERO_ROW[MAX_D];
+#define ACC(w, r) ((w)->acc + (r) * (w)->stride)
+#define V(w, t) ((w)->v + (t) * (w)->stride)
+#define QF(w, r) ((w)->qf + (r) * (w)->stride)
+
+static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int64_t r0, int64_t nrows) {
+    const int64_t group = pr->h_q / pr->h_kv, d = pr->d, dv = pr->dv;
+    const int64_t len = pr->seqlens[req];
+    const uint16_t *qrow[ROWS];
+    int64_t limit[ROWS], keys = 0;
+    for (int64_t r = 0; r < nrows; r++) {
+        int64_t row = r0 + r, s = row / group, h = g * group + row % group;
+        qrow[r] = pr->q + ((req * pr->s_q + s) * pr->h_q + h) * d;
+        limit[r] = pr->causal ? len - (pr->s_q - 1 - s) : len;
+        keys = limit[r] > keys ? limit[r] : keys;
+        widen(qrow[r], d, QF(w, r));
+        w->m[r] = -INFINITY;
+        memset(w->l[r], 0, sizeof w->l[r]);
+        memset(ACC(w, r), 0, (size_t)dv * sizeof(float));
+    }
+    const int64_t padded = (nrows + 3) & ~(int64_t)3; /* P V works on 4 rows: pad with zero probabilities */
+    for (int64_t r = nrows; r < padded; r++) {
+        memset(w->p[r], 0, sizeof w->p[r]);
+        memset(ACC(w, r), 0, (size_t)dv * sizeof(float));
+        w->alpha[r] = 1.0f;
+    }
+    const __m512 scale = _mm512_set1_ps(pr->scale_log2), minus_inf = _mm512_set1_ps(-INFINITY);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t j0 = 0; j0 < keys; j0 += KT) {
+        const uint16_t *krow[KT];
+        /* Page and offset of the tile's first key, and of the row two tiles ahead (fetched while this tile
+         * computes: DRAM latency), stepped key by key. */
+        int64_t pg = j0 / pr->page, off = j0 % pr->page;
+        int64_t pg_next = (j0 + 2 * KT) / pr->page, off_next = (j0 + 2 * KT) % pr->page;
+        const int32_t *table = pr->block_table + req * pr->table_stride;
+        for (int t = 0; t < KT; t++) {
+            int64_t j = j0 + t;
+            krow[t] = j < len ? pr->k_cache + table[pg] * pr->block_stride + off * pr->row_stride + g * pr->head_stride
+                              : ZERO_ROW;
+            widen(krow[t], d, V(w, t));
+            if (j + 2 * KT < len) {
+                const char *next = (const char *)(pr->k_cache + table[pg_next] * pr->block_stride +
+                                                  off_next * pr->row_stride + g * pr->head_stride);
+                for (int64_t byte = 0; byte < d * 2; byte += 64)
+                    _mm_prefetch(next + byte, _MM_HINT_T1); /* to L2: 3 % faster than to L1 at h_q = 16 */
+            }
+            if (++off == pr->page) {
+                off = 0;
+                pg++;
+            }
+            if (++off_next == pr->page) {
+                off_next = 0;
+                pg_next++;
+            }
+        }
+        /* Scores for 4 rows x 4 keys at a time in 16 registers: each load feeds 4 FMAs. */
+        for (int64_t r = 0; r < nrows; r += 4) {
+            const float *qr[4];
+            for (int i = 0; i < 4; i++)
+                qr[i] = QF(w, r + i < nrows ? r + i : r);
+            __m512 v[4];
+            for (int kq = 0; kq < 4; kq++) {
+                __m512 a[16];
+                for (int i = 0; i < 16; i++)
+                    a[i] = _mm512_setzero_ps();
+                const float *k4 = V(w, 4 * kq);
+                for (int64_t c = 0; c < d; c += 16) {
+                    __m512 x0 = _mm512_loadu_ps(qr[0] + c), x1 = _mm512_loadu_ps(qr[1] + c);
+                    __m512 x2 = _mm512_loadu_ps(qr[2] + c), x3 = _mm512_loadu_ps(qr[3] + c);
+                    for (int t = 0; t < 4; t++) {
+                        __m512 kv = _mm512_loadu_ps(k4 + t * w->stride + c);
+                        a[t] = _mm512_fmadd_ps(x0, kv, a[t]);
+                        a[4 + t] = _mm512_fmadd_ps(x1, kv, a[4 + t]);
+                        a[8 + t] = _mm512_fmadd_ps(x2, kv, a[8 + t]);
+                        a[12 + t] = _mm512_fmadd_ps(x3, kv, a[12 + t]);
+                    }
+                }
+                v[kq] = sum16(a); /* 128-bit quarter i: row r + i, keys 4 kq .. 4 kq + 3 */
+            }
+            /* a 4 x 4 transpose of the quarters: row i = quarter i of v[0..3] */
+            __m512 t0 = _mm512_shuffle_f32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
+            __m512 t2 = _mm512_shuffle_f32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_f32x4(v[2], v[3], 0xEE);
+            __m512 rows4[4] = {_mm512_shuffle_f32x4(t0, t2, 0x88), _mm512_shuffle_f32x4(t0, t2, 0xDD),
+                               _mm512_shuffle_f32x4(t1, t3, 0x88), _mm512_shuffle_f32x4(t1, t3, 0xDD)};
+            for (int i = 0; i < 4 && r + i < nrows; i++)
+                _mm512_storeu_ps(w->s[r + i], rows4[i]);
+        }
+        /* Online softmax. Per row: scale, mask the tile's tail, the new running max. */
+        for (int64_t r = 0; r < nrows; r++) {
+            __m512 s = _mm512_mul_ps(_mm512_loadu_ps(w->s[r]), scale);
+            if (j0 + KT > limit[r]) {
+                __mmask16 dead = _mm512_cmpge_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)j0)),
+                                                         _mm512_set1_epi32((int32_t)(limit[r] < 0 ? 0 : limit[r])));
+                s = _mm512_mask_blend_ps(dead, s, minus_inf);
+            }
+            _mm512_storeu_ps(w->s[r], s);
+            float tile_max = _mm512_reduce_max_ps(s);
+            w->m_new[r] = tile_max > w->m[r] ? tile_max : w->m[r];
+        }
+        /* The rescale factors 2^(m - m'), 16 rows per exp2 (1 for rows that have seen no key: m' = -inf). */
+        for (int64_t r = 0; r < nrows; r += 16) {
+            __mmask16 live = nrows - r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nrows - r)) - 1u);
+            __m512 m_old = _mm512_mask_loadu_ps(minus_inf, live, w->m + r);
+            __m512 m_new = _mm512_mask_loadu_ps(minus_inf, live, w->m_new + r);
+            __mmask16 none = _mm512_cmpeq_ps_mask(m_new, minus_inf);
+            __m512 alpha = _mm512_mask_blend_ps(none, exp2_ps(_mm512_sub_ps(m_old, m_new)), _mm512_set1_ps(1.0f));
+            _mm512_mask_storeu_ps(w->alpha + r, live, alpha);
+            _mm512_mask_storeu_ps(w->m + r, live, m_new);
+        }
+        /* The probabilities; the running sums stay 16 lanes wide (summed once at the end). */
+        for (int64_t r = 0; r < nrows; r++) {
+            if (w->m[r] == -INFINITY) {
+                memset(w->p[r], 0, sizeof w->p[r]);
+                continue;
+            }
+            __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(w->s[r]), _mm512_set1_ps(w->m[r])));
+            __m512 l = _mm512_loadu_ps(w->l[r]);
+            _mm512_storeu_ps(w->l[r], _mm512_fmadd_ps(l, _mm512_set1_ps(w->alpha[r]), p));
+            _mm512_storeu_ps(w->p[r], p);
+        }
+        for (int64_t r = 0; r < padded; r += 4) {
+            for (int64_t c = 0; c < dv; c += 64) {
+                __m512 o[4][4];
+                for (int i = 0; i < 4; i++) {
+                    __m512 al = _mm512_set1_ps(w->alpha[r + i]);
+                    for (int e = 0; e < 4; e++)
+                        o[i][e] = _mm512_mul_ps(_mm512_loadu_ps(ACC(w, r + i) + c + 16 * e), al);
+                }
+                for (int t = 0; t < KT; t++) {
+                    __m512 v0 = _mm512_loadu_ps(V(w, t) + c), v1 = _mm512_loadu_ps(V(w, t) + c + 16);
+                    __m512 v2 = _mm512_loadu_ps(V(w, t) + c + 32), v3 = _mm512_loadu_ps(V(w, t) + c + 48);
+                    for (int i = 0; i < 4; i++) {
+                        __m512 pi = _mm512_set1_ps(w->p[r + i][t]);
+                        o[i][0] = _mm512_fmadd_ps(pi, v0, o[i][0]);
+                        o[i][1] = _mm512_fmadd_ps(pi, v1, o[i][1]);
+                        o[i][2] = _mm512_fmadd_ps(pi, v2, o[i][2]);
+                        o[i][3] = _mm512_fmadd_ps(pi, v3, o[i][3]);
+                    }
+                }
+                for (int i = 0; i < 4; i++)
+                    for (int e = 0; e < 4; e++)
+                        _mm512_storeu_ps(ACC(w, r + i) + c + 16 * e, o[i][e]);
+            }
+        }
+    }
+    for (int64_t r = 0; r < nrows; r++) {
+        int64_t row = r0 + r, s = row / group, h = g * group + row % group;
+        uint16_t *o = pr->out + ((req * pr->s_q + s) * pr->h_q + h) * dv;
+        float *lse = pr->lse + (req * pr->h_q + h) * pr->s_q + s;
+        float l = _mm512_reduce_add_ps(_mm512_loadu_ps(w->l[r]));
+        if (l == 0.0f) {
+            memset(o, 0, (size_t)dv * sizeof(uint16_t));
+            *lse = INFINITY;
+            continue;
+        }
+        float inv = 1.0f / l;
+        for (int64_t c = 0; c < dv; c++)
+            o[c] = to_bf16(ACC(w, r)[c] * inv);
+        *lse = (w->m[r] + log2f(l)) * 0.69314718055994531f;
+    }
+}
+
+typedef struct {
+    int64_t len, index;
+} LenIndex;
+
+static int longer_first(const void *a, const void *b) {
+    int64_t la = ((const LenIndex *)a)->len, lb = ((const LenIndex *)b)->len;
+    return la < lb ? 1 : la > lb ? -1 : 0;
+}
+
+/* Returns 0, or -1 when the sizes are outside what the kernel handles (the caller then runs the PyTorch path). */
+int seekstack_mla_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const int32_t *block_table,
+                              const int32_t *seqlens, uint16_t *out, float *lse, int64_t b, int64_t s_q, int64_t h_q,
+                              int64_t h_kv, int64_t d, int64_t dv, int64_t page, int64_t block_stride,
+                              int64_t row_stride, int64_t head_stride, int64_t table_stride, float softmax_scale,
+                              int64_t causal, int64_t threads) {
+    if (d % 32 || dv % 64 || dv > d || d > MAX_D || h_kv < 1 || h_q % h_kv || page < 1)
+        return -1;
+    Problem pr = {q, k_cache, block_table, seqlens, out, lse, b, s_q, h_q, h_kv, d, dv, page,
+                  block_stride, row_stride, head_stride, table_stride, softmax_scale * 1.4426950408889634f,
+                  (int)causal};
+    const int64_t rows = s_q * (h_q / h_kv), row_blocks = (rows + ROWS - 1) / ROWS;
+    const int64_t items = b * h_kv * row_blocks;
+    /* Longest requests first, so that the threads' last items are short ones (varlen batches balance). */
+    LenIndex *order = malloc((size_t)(b > 0 ? b : 1) * sizeof(LenIndex));
+    if (order == NULL)
+        return -2;
+    for (int64_t i = 0; i < b; i++) {
+        order[i].len = seqlens[i];
+        order[i].index = i;
+    }
+    qsort(order, (size_t)b, sizeof(LenIndex), longer_first);
+    int failed = 0;
+#pragma omp parallel num_threads((int)threads) if (threads > 1)
+    {
+        Workspace *w = malloc(sizeof(Workspace));
+        if (w != NULL) {
+            w->stride = d + 16;
+            w->acc = aligned_alloc(64, (size_t)(2 * ROWS + KT) * (size_t)w->stride * sizeof(float));
+            w->v = w->acc == NULL ? NULL : w->acc + ROWS * w->stride;
+            w->qf = w->acc == NULL ? NULL : w->v + KT * w->stride;
+            if (w->acc == NULL) {
+                free(w);
+                w = NULL;
+            }
+        }
+        if (w == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (w == NULL)
+                continue;
+            int64_t req = order[it / (h_kv * row_blocks)].index, rest = it % (h_kv * row_blocks);
+            int64_t g = rest / row_blocks, r0 = (rest % row_blocks) * ROWS;
+            attend(&pr, w, req, g, r0, rows - r0 < ROWS ? rows - r0 : ROWS);
+        }
+        if (w != NULL) {
+            free(w->acc);
+            free(w);
+        }
+    }
+    free(order);
+    return failed ? -2 : 0;
+}
+
+#else
+int seekstack_mla_decode_bf16(void) { return -1; }
+#endif

@@ -1,0 +1,112 @@
+"""The CPU path's C kernel (`seekstack.mla.native`) against the fp32 reference with FlashMLA's recipe and tolerances
+(the same grid as test_cpu.py's PyTorch steps): permuted block tables, NaN in unused slots and blocks, varlen and
+zero-length requests, s_q in {1, 2, 4}, causal on and off, h_q in {1, 16, 128} over h_kv in {1, 2}, block sizes
+{1, 16, 64}; plus other head dims, rows that see no key, thread counts, and the cases it hands back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekstack.mla import cpu as cpu_path
+from seekstack.mla import flash_mla_with_kvcache, native
+from seekstack.mla.interface import validate
+from seekstack.mla.testing import check_decode, make_case
+
+HEADS = [(1, 1), (16, 1), (16, 2), (128, 1), (128, 2)]
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="needs a C compiler and AVX-512")
+
+
+def _problem(case, **kwargs):
+    kwargs = {**case.kwargs(), **kwargs}
+    return validate(*case.args(), kwargs.pop("softmax_scale", None), **kwargs)
+
+
+def run_native(case, **kwargs):
+    ref = flash_mla_with_kvcache(*case.args(), **{**case.kwargs(), **kwargs}, backend="reference")
+    got = native.decode(_problem(case, **kwargs))
+    assert got is not None, "the C kernel should take this case"
+    check_decode(*got, *ref)
+    return got, ref
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+@pytest.mark.parametrize("h_q,h_kv", HEADS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s_q", [1, 2, 4])
+def test_recipe(gen, s_q, causal, h_q, h_kv, block_size):
+    case = make_case(4, s_q, h_q, h_kv, 140, block_size=block_size, varlen=True, zero_lengths=1, causal=causal,
+                     generator=gen)  # fmt: skip
+    run_native(case)
+
+
+@pytest.mark.parametrize("d,dv", [(576, 512), (320, 256), (96, 64), (128, 128)])
+def test_other_head_dims_and_a_softmax_scale(gen, d, dv):
+    case = make_case(3, 2, 16, 1, 300, d=d, dv=dv, block_size=16, varlen=True, causal=True, generator=gen)
+    run_native(case, softmax_scale=0.3)
+
+
+def test_long_requests_over_many_tiles_and_pages(gen):
+    # 1000-3000 keys: many 16-key tiles, tiles straddling pages of 7 (not a power of two), prefetch past the end.
+    case = make_case(3, 1, 16, 1, 2000, block_size=7, varlen=True, generator=gen)
+    run_native(case)
+
+
+def test_rows_that_see_no_key(gen):
+    # Causal with lengths below s_q: the first query positions see no key (out = 0, lse = +inf), as do zero-length
+    # requests.
+    case = make_case(4, 4, 16, 1, 8, block_size=16, causal=True, generator=gen)
+    case.cache_seqlens.copy_(torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    (out, lse), _ = run_native(case)
+    assert torch.isinf(lse[0]).all() and not out[0].any()
+    assert torch.isinf(lse[1, :, :3]).all() and torch.isfinite(lse[1, :, 3]).all()
+
+
+def test_a_strided_block_table(gen):
+    case = make_case(3, 2, 16, 1, 200, block_size=16, varlen=True, generator=gen)
+    wide = torch.full((3, case.block_table.shape[1] + 5), -7, dtype=torch.int32)
+    wide[:, : case.block_table.shape[1]] = case.block_table
+    case.block_table = wide[:, : case.block_table.shape[1]]
+    assert not case.block_table.is_contiguous()
+    run_native(case)
+
+
+def test_thread_counts_give_the_same_bits(gen):
+    case = make_case(5, 2, 128, 1, 300, block_size=64, varlen=True, causal=True, generator=gen)
+    p = _problem(case)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(native.decode(p))
+    finally:
+        torch.set_num_threads(threads)
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+def test_cases_it_hands_back_to_the_pytorch_steps(gen, monkeypatch):
+    fp16 = make_case(2, 1, 16, 1, 50, dtype=torch.float16, generator=gen)
+    fp8 = make_case(2, 1, 16, 1, 50, fp8=True, generator=gen)
+    sparse = make_case(2, 1, 16, 1, 50, topk=32, generator=gen)
+    small_dv = make_case(2, 1, 16, 1, 50, d=64, dv=32, generator=gen)
+    for case in (fp16, fp8, sparse, small_dv):
+        assert native.decode(_problem(case)) is None
+    bf16 = make_case(2, 1, 16, 1, 50, generator=gen)
+    monkeypatch.setenv("SEEKSTACK_CPU_COMPILE", "off")
+    assert native.decode(_problem(bf16)) is None
+    # ... and the CPU backend still answers, through the PyTorch steps
+    ref = flash_mla_with_kvcache(*bf16.args(), **bf16.kwargs(), backend="reference")
+    check_decode(*flash_mla_with_kvcache(*bf16.args(), **bf16.kwargs(), backend="cpu"), *ref)
+
+
+def test_the_cpu_backend_uses_it(gen, monkeypatch):
+    calls = []
+    real = native.decode
+    monkeypatch.setattr(native, "decode", lambda p: calls.append(p) or real(p))
+    case = make_case(2, 1, 16, 1, 50, generator=gen)
+    ref = flash_mla_with_kvcache(*case.args(), **case.kwargs(), backend="reference")
+    check_decode(*cpu_path.mla_decode_cpu(_problem(case)), *ref)
+    assert len(calls) == 1
