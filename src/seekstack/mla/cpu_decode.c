@@ -15,7 +15,7 @@
  *   online softmax in base 2: running max m per row, sums kept 16 lanes wide, earlier sums and outputs rescaled by
  *           2^(m - m'), the rescale factors computed for 16 rows per exp2;
  *   P V: 4 rows x 64 output columns in 16 registers per pass over the tile's 16 V rows (the first dv columns of K).
- * Keys past the request's length are read from a zero row (cache slots there may hold NaN); the bottom-right causal
+ * Keys past the request's length are never read (cache slots there may hold NaN); the bottom-right causal
  * mask (query position s sees keys < length - (s_q - 1 - s)) and the length set masked scores to -inf. A row that
  * sees no key gets out = 0 and lse = +inf, as the reference. Threads (OpenMP, torch's own libgomp when loaded after
  * torch) take work items dynamically, longest requests first.
@@ -72,18 +72,35 @@ static inline __m512 exp2_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* dst[0:n] = src[0:n] as fp32 (bf16 is fp32's top half); n a multiple of 16. */
+/* dst[0:n] = src[0:n] as fp32 (bf16 is fp32's top half), n a multiple of 32, in the *interleaved* order of a 32-wide
+ * chunk: dst[c .. c+16] = src[c + {0-3, 8-11, 16-19, 24-27}], dst[c+16 .. c+32] = src[c + {4-7, 12-15, 20-23, 28-31}]
+ * (two word unpacks against zero: half the instructions of a zero-extend and shift per element). Dot products are
+ * unchanged when both sides share the order; outputs are put back in order once, at the end (`store_row`). */
 static inline void widen(const uint16_t *src, int64_t n, float *dst) {
-    for (int64_t c = 0; c < n; c += 16) {
-        __m256i h = _mm256_loadu_si256((const __m256i *)(src + c));
-        _mm512_storeu_ps(dst + c, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t c = 0; c < n; c += 32) {
+        __m512i x = _mm512_loadu_si512(src + c);
+        _mm512_storeu_ps(dst + c, _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, x)));
+        _mm512_storeu_ps(dst + c + 16, _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, x)));
     }
 }
 
-static inline uint16_t to_bf16(float f) { /* round to nearest even (outputs are finite) */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+/* out[0:n] = bf16(acc[0:n] * scale) in natural order, from `widen`'s interleaved order; rounded to nearest even. */
+static inline void store_row(const float *acc, int64_t n, float scale, uint16_t *out) {
+    const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    const __m512 k = _mm512_set1_ps(scale);
+    const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    for (int64_t c = 0; c < n; c += 32) {
+        __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(acc + c), k), hi = _mm512_mul_ps(_mm512_loadu_ps(acc + c + 16), k);
+        __m512 halves[2] = {_mm512_permutex2var_ps(lo, first, hi), _mm512_permutex2var_ps(lo, second, hi)};
+        for (int h = 0; h < 2; h++) {
+            __m512i u = _mm512_castps_si512(halves[h]);
+            __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+            __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), odd), 16);
+            _mm256_storeu_si256((__m256i *)(out + c + 16 * h), _mm512_cvtepi32_epi16(rounded));
+        }
+    }
 }
 
 typedef struct {
@@ -106,10 +123,9 @@ typedef struct {
     float p[ROWS][KT]; /* the tile's probabilities (2^(s - m)) */
     float alpha[ROWS]; /* 2^(m_old - m_new) of the tile */
     float m[ROWS], m_new[ROWS];
-    float l[ROWS][KT]; /* running sums, per lane */
+    float l[ROWS][16]; /* running sums, per lane */
 } Workspace;
 
-static const uint16_t ZERO_ROW[MAX_D];
 #define ACC(w, r) ((w)->acc + (r) * (w)->stride)
 #define V(w, t) ((w)->v + (t) * (w)->stride)
 #define QF(w, r) ((w)->qf + (r) * (w)->stride)
@@ -138,17 +154,20 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int6
     const __m512 scale = _mm512_set1_ps(pr->scale_log2), minus_inf = _mm512_set1_ps(-INFINITY);
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int64_t j0 = 0; j0 < keys; j0 += KT) {
-        const uint16_t *krow[KT];
         /* Page and offset of the tile's first key, and of the row two tiles ahead (fetched while this tile
          * computes: DRAM latency), stepped key by key. */
         int64_t pg = j0 / pr->page, off = j0 % pr->page;
         int64_t pg_next = (j0 + 2 * KT) / pr->page, off_next = (j0 + 2 * KT) % pr->page;
         const int32_t *table = pr->block_table + req * pr->table_stride;
+        /* Keys of the tile inside the request; the rest of a last tile is neither read nor computed (its V rows
+         * keep earlier keys' finite values, or the zeros they start with, and get probability 0). */
+        const int nk = len - j0 < KT ? (int)(len - j0) : KT;
         for (int t = 0; t < KT; t++) {
             int64_t j = j0 + t;
-            krow[t] = j < len ? pr->k_cache + table[pg] * pr->block_stride + off * pr->row_stride + g * pr->head_stride
-                              : ZERO_ROW;
-            widen(krow[t], d, V(w, t));
+            if (t < nk) {
+                widen(pr->k_cache + table[pg] * pr->block_stride + off * pr->row_stride + g * pr->head_stride, d,
+                      V(w, t));
+            }
             if (j + 2 * KT < len) {
                 const char *next = (const char *)(pr->k_cache + table[pg_next] * pr->block_stride +
                                                   off_next * pr->row_stride + g * pr->head_stride);
@@ -169,43 +188,54 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int6
             const float *qr[4];
             for (int i = 0; i < 4; i++)
                 qr[i] = QF(w, r + i < nrows ? r + i : r);
-            __m512 v[4];
-            for (int kq = 0; kq < 4; kq++) {
-                __m512 a[16];
-                for (int i = 0; i < 16; i++)
-                    a[i] = _mm512_setzero_ps();
-                const float *k4 = V(w, 4 * kq);
-                for (int64_t c = 0; c < d; c += 16) {
-                    __m512 x0 = _mm512_loadu_ps(qr[0] + c), x1 = _mm512_loadu_ps(qr[1] + c);
-                    __m512 x2 = _mm512_loadu_ps(qr[2] + c), x3 = _mm512_loadu_ps(qr[3] + c);
-                    for (int t = 0; t < 4; t++) {
-                        __m512 kv = _mm512_loadu_ps(k4 + t * w->stride + c);
-                        a[t] = _mm512_fmadd_ps(x0, kv, a[t]);
-                        a[4 + t] = _mm512_fmadd_ps(x1, kv, a[4 + t]);
-                        a[8 + t] = _mm512_fmadd_ps(x2, kv, a[8 + t]);
-                        a[12 + t] = _mm512_fmadd_ps(x3, kv, a[12 + t]);
+            for (int grp = 0; grp < KT / 16; grp++) {
+                __m512 v[4];
+                for (int kq = 0; kq < 4; kq++) {
+                    if (16 * grp + 4 * kq >= nk) { /* past the request: masked below */
+                        v[kq] = _mm512_setzero_ps();
+                        continue;
                     }
+                    __m512 a[16];
+                    for (int i = 0; i < 16; i++)
+                        a[i] = _mm512_setzero_ps();
+                    const float *k4 = V(w, 16 * grp + 4 * kq);
+                    for (int64_t c = 0; c < d; c += 16) {
+                        __m512 x0 = _mm512_loadu_ps(qr[0] + c), x1 = _mm512_loadu_ps(qr[1] + c);
+                        __m512 x2 = _mm512_loadu_ps(qr[2] + c), x3 = _mm512_loadu_ps(qr[3] + c);
+                        for (int t = 0; t < 4; t++) {
+                            __m512 kv = _mm512_loadu_ps(k4 + t * w->stride + c);
+                            a[t] = _mm512_fmadd_ps(x0, kv, a[t]);
+                            a[4 + t] = _mm512_fmadd_ps(x1, kv, a[4 + t]);
+                            a[8 + t] = _mm512_fmadd_ps(x2, kv, a[8 + t]);
+                            a[12 + t] = _mm512_fmadd_ps(x3, kv, a[12 + t]);
+                        }
+                    }
+                    v[kq] = sum16(a); /* 128-bit quarter i: row r + i, keys 4 kq .. 4 kq + 3 of the group */
                 }
-                v[kq] = sum16(a); /* 128-bit quarter i: row r + i, keys 4 kq .. 4 kq + 3 */
+                /* a 4 x 4 transpose of the quarters: row i = quarter i of v[0..3] */
+                __m512 t0 = _mm512_shuffle_f32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
+                __m512 t2 = _mm512_shuffle_f32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_f32x4(v[2], v[3], 0xEE);
+                __m512 rows4[4] = {_mm512_shuffle_f32x4(t0, t2, 0x88), _mm512_shuffle_f32x4(t0, t2, 0xDD),
+                                   _mm512_shuffle_f32x4(t1, t3, 0x88), _mm512_shuffle_f32x4(t1, t3, 0xDD)};
+                for (int i = 0; i < 4 && r + i < nrows; i++)
+                    _mm512_storeu_ps(w->s[r + i] + 16 * grp, rows4[i]);
             }
-            /* a 4 x 4 transpose of the quarters: row i = quarter i of v[0..3] */
-            __m512 t0 = _mm512_shuffle_f32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
-            __m512 t2 = _mm512_shuffle_f32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_f32x4(v[2], v[3], 0xEE);
-            __m512 rows4[4] = {_mm512_shuffle_f32x4(t0, t2, 0x88), _mm512_shuffle_f32x4(t0, t2, 0xDD),
-                               _mm512_shuffle_f32x4(t1, t3, 0x88), _mm512_shuffle_f32x4(t1, t3, 0xDD)};
-            for (int i = 0; i < 4 && r + i < nrows; i++)
-                _mm512_storeu_ps(w->s[r + i], rows4[i]);
         }
         /* Online softmax. Per row: scale, mask the tile's tail, the new running max. */
         for (int64_t r = 0; r < nrows; r++) {
-            __m512 s = _mm512_mul_ps(_mm512_loadu_ps(w->s[r]), scale);
-            if (j0 + KT > limit[r]) {
-                __mmask16 dead = _mm512_cmpge_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)j0)),
-                                                         _mm512_set1_epi32((int32_t)(limit[r] < 0 ? 0 : limit[r])));
-                s = _mm512_mask_blend_ps(dead, s, minus_inf);
+            __m512 top = minus_inf;
+            for (int grp = 0; grp < KT / 16; grp++) {
+                __m512 s = _mm512_mul_ps(_mm512_loadu_ps(w->s[r] + 16 * grp), scale);
+                int64_t first = j0 + 16 * grp;
+                if (first + 16 > limit[r]) {
+                    __mmask16 dead = _mm512_cmpge_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)first)),
+                                                             _mm512_set1_epi32((int32_t)(limit[r] < 0 ? 0 : limit[r])));
+                    s = _mm512_mask_blend_ps(dead, s, minus_inf);
+                }
+                _mm512_storeu_ps(w->s[r] + 16 * grp, s);
+                top = _mm512_max_ps(top, s);
             }
-            _mm512_storeu_ps(w->s[r], s);
-            float tile_max = _mm512_reduce_max_ps(s);
+            float tile_max = _mm512_reduce_max_ps(top);
             w->m_new[r] = tile_max > w->m[r] ? tile_max : w->m[r];
         }
         /* The rescale factors 2^(m - m'), 16 rows per exp2 (1 for rows that have seen no key: m' = -inf). */
@@ -224,10 +254,14 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int6
                 memset(w->p[r], 0, sizeof w->p[r]);
                 continue;
             }
-            __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(w->s[r]), _mm512_set1_ps(w->m[r])));
-            __m512 l = _mm512_loadu_ps(w->l[r]);
-            _mm512_storeu_ps(w->l[r], _mm512_fmadd_ps(l, _mm512_set1_ps(w->alpha[r]), p));
-            _mm512_storeu_ps(w->p[r], p);
+            __m512 m = _mm512_set1_ps(w->m[r]);
+            __m512 l = _mm512_mul_ps(_mm512_loadu_ps(w->l[r]), _mm512_set1_ps(w->alpha[r]));
+            for (int grp = 0; grp < KT / 16; grp++) {
+                __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(w->s[r] + 16 * grp), m));
+                l = _mm512_add_ps(l, p);
+                _mm512_storeu_ps(w->p[r] + 16 * grp, p);
+            }
+            _mm512_storeu_ps(w->l[r], l);
         }
         for (int64_t r = 0; r < padded; r += 4) {
             for (int64_t c = 0; c < dv; c += 64) {
@@ -237,7 +271,7 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int6
                     for (int e = 0; e < 4; e++)
                         o[i][e] = _mm512_mul_ps(_mm512_loadu_ps(ACC(w, r + i) + c + 16 * e), al);
                 }
-                for (int t = 0; t < KT; t++) {
+                for (int t = 0; t < nk; t++) {
                     __m512 v0 = _mm512_loadu_ps(V(w, t) + c), v1 = _mm512_loadu_ps(V(w, t) + c + 16);
                     __m512 v2 = _mm512_loadu_ps(V(w, t) + c + 32), v3 = _mm512_loadu_ps(V(w, t) + c + 48);
                     for (int i = 0; i < 4; i++) {
@@ -264,9 +298,7 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int6
             *lse = INFINITY;
             continue;
         }
-        float inv = 1.0f / l;
-        for (int64_t c = 0; c < dv; c++)
-            o[c] = to_bf16(ACC(w, r)[c] * inv);
+        store_row(ACC(w, r), dv, 1.0f / l, o);
         *lse = (w->m[r] + log2f(l)) * 0.69314718055994531f;
     }
 }
@@ -311,6 +343,8 @@ int seekstack_mla_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const 
             w->acc = aligned_alloc(64, (size_t)(2 * ROWS + KT) * (size_t)w->stride * sizeof(float));
             w->v = w->acc == NULL ? NULL : w->acc + ROWS * w->stride;
             w->qf = w->acc == NULL ? NULL : w->v + KT * w->stride;
+            if (w->acc != NULL)
+                memset(w->v, 0, (size_t)KT * (size_t)w->stride * sizeof(float));
             if (w->acc == NULL) {
                 free(w);
                 w = NULL;
