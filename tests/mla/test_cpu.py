@@ -11,9 +11,7 @@ import torch
 from seekstack.mla import cpu as cpu_path
 from seekstack.mla import flash_mla_with_kvcache
 from seekstack.mla.interface import validate
-from seekstack.mla.testing import check_decode, make_case
-
-HEADS = [(1, 1), (16, 1), (16, 2), (128, 1), (128, 2)]
+from seekstack.mla.testing import RECIPE, check_decode, make_case, recipe_case
 
 
 def run_both(case, tokens_per_step=cpu_path.DEFAULT_TOKENS_PER_STEP, **kwargs):
@@ -25,14 +23,9 @@ def run_both(case, tokens_per_step=cpu_path.DEFAULT_TOKENS_PER_STEP, **kwargs):
     return got, ref
 
 
-@pytest.mark.parametrize("block_size", [1, 16, 64])
-@pytest.mark.parametrize("h_q,h_kv", HEADS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("s_q", [1, 2, 4])
+@pytest.mark.parametrize("s_q,causal,h_q,h_kv,block_size", RECIPE)
 def test_recipe(gen, s_q, causal, h_q, h_kv, block_size):
-    case = make_case(4, s_q, h_q, h_kv, 140, block_size=block_size, varlen=True, zero_lengths=1, causal=causal,
-                     generator=gen)  # fmt: skip
-    run_both(case)
+    run_both(recipe_case(gen, s_q, causal, h_q, h_kv, block_size))
 
 
 @pytest.mark.parametrize("tokens_per_step", [7, 48, 64, 200])

@@ -52,12 +52,14 @@ def _parts(rows: int, elements_per_row: int) -> int:
     return max(1, min(torch.get_num_threads(), rows * elements_per_row // _MIN_PART_ELEMENTS, rows))
 
 
-def _check(x: torch.Tensor, sf: torch.Tensor, out: torch.Tensor) -> None:
+def _operands(x: torch.Tensor, sf: torch.Tensor, out: torch.Tensor) -> tuple[int, ...]:
+    """(x pointer, x row stride, sf pointer, sf row stride, out pointer, out row stride), checked."""
     # Internal callers pass these (and check `x.stride(1) == 1`); a mismatch would be a bug in seekstack.gemm.
     if x.dtype != torch.float8_e4m3fn or x.stride(1) != 1 or sf.dtype != torch.float32 or not sf.is_contiguous():
         raise ValueError(f"x: fp8 rows with unit column stride and sf: contiguous fp32 expected, got {x.dtype}")
     if out.dtype != torch.float32 or out.stride(-1) != 1:
         raise ValueError(f"out: fp32 with unit column stride expected, got {out.dtype} {out.stride()}")
+    return x.data_ptr(), x.stride(0), sf.data_ptr(), sf.stride(0), out.data_ptr(), out.stride(0)
 
 
 def decode_rows(
@@ -71,12 +73,9 @@ def decode_rows(
     fns = _functions(library)
     if fns is None:
         return False
-    _check(x, sf, out)
-    rows, k = x.shape
-    kp = out.shape[1]
-    fn = fns[0]
-    xp, xs, sp, ss, op, os_ = x.data_ptr(), x.stride(0), sf.data_ptr(), sf.stride(0), out.data_ptr(), out.stride(0)
-    fn(xp, rows, k, xs, row0, sp, ss, gran, op, os_, kp, _parts(rows, kp))
+    xp, xs, sp, ss, op, os_ = _operands(x, sf, out)
+    (rows, k), kp = x.shape, out.shape[1]
+    fns[0](xp, rows, k, xs, row0, sp, ss, gran, op, os_, kp, _parts(rows, kp))
     return True
 
 
@@ -88,12 +87,9 @@ def decode_rows_t(x: torch.Tensor, sf: torch.Tensor, out: torch.Tensor, library=
     fns = _functions(library)
     if fns is None:
         return False
-    _check(x, sf, out)
-    rows, k = x.shape
-    kp = out.shape[0]
-    fn = fns[1]
-    xp, xs, sp, ss, op, os_ = x.data_ptr(), x.stride(0), sf.data_ptr(), sf.stride(0), out.data_ptr(), out.stride(0)
-    fn(xp, rows, k, xs, sp, ss, op, os_, kp, _parts(rows, kp))
+    xp, xs, sp, ss, op, os_ = _operands(x, sf, out)
+    (rows, k), kp = x.shape, out.shape[0]
+    fns[1](xp, rows, k, xs, sp, ss, op, os_, kp, _parts(rows, kp))
     return True
 
 

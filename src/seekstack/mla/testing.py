@@ -162,3 +162,19 @@ def check_close(
 def check_decode(out, lse, out_ref, lse_ref) -> None:
     check_close("out", out, out_ref, **OUT_TOL)
     check_close("lse", lse, lse_ref, **LSE_TOL)
+
+
+# FlashMLA's test grid: (s_q, causal, h_q, h_kv, block size), each on 4 varlen requests of ~140 keys, one of length 0.
+RECIPE = [
+    (s_q, causal, h_q, h_kv, block)
+    for s_q in (1, 2, 4)
+    for causal in (False, True)
+    for h_q, h_kv in ((1, 1), (16, 1), (16, 2), (128, 1), (128, 2))
+    for block in (1, 16, 64)
+]
+
+
+def recipe_case(gen: torch.Generator, s_q: int, causal: bool, h_q: int, h_kv: int, block_size: int) -> Case:
+    """One case of `RECIPE`."""
+    return make_case(4, s_q, h_q, h_kv, 140, block_size=block_size, varlen=True, zero_lengths=1, causal=causal,
+                     generator=gen)  # fmt: skip
