@@ -1,8 +1,9 @@
 """Small C kernels for CPU hot spots, built with the system C compiler on first use and called through ctypes.
 
 Some CPU loops have no single torch op and cost several memory passes as eager ops (the FP8 weight decode of the
-GEMM: five). `seekstack.cpu_compile` fuses such chains with TorchInductor, but a compiled function costs ~30 us a
-call in guards and wrappers, more than the work on a cache-sized chunk; a ctypes call costs ~1 us. A
+GEMM: five), or need data to stay in cache across what would be separate ops (MLA's decode tiles).
+`seekstack.cpu_compile` fuses elementwise chains with TorchInductor, but a compiled function costs ~30-60 us a
+call in guards and wrappers, more than the work on a cache-sized chunk; a ctypes call costs ~2 us. A
 `NativeLibrary` compiles one C file (`-O3 -march=native`, ~0.2 s) into a shared library cached on disk under a
 key of the source, the compiler, the flags and the CPU (so a home directory shared by different machines is safe),
 and loads it once per process. Without a compiler, or with `SEEKSTACK_CPU_COMPILE=off`, `load()` returns None and
