@@ -62,8 +62,11 @@ def _cpu_identity() -> str:
 class NativeLibrary:
     """One C source file built into a shared library on first `load()`; see the module docstring."""
 
-    def __init__(self, name: str, source: Path, extra_flags: tuple[str, ...] = (), openmp: bool = False):
+    def __init__(
+        self, name: str, source: Path, extra_flags: tuple[str, ...] = (), openmp: bool = False, headers: tuple = ()
+    ):
         self.name, self.source, self.flags = name, Path(source), [*FLAGS, *extra_flags]
+        self.headers = tuple(Path(h) for h in headers)  # files the source includes: part of the cache key
         # OpenMP: tried first, dropped when the compiler lacks it (the pragmas are then ignored: one thread).
         self.openmp = openmp
         self._lib: ctypes.CDLL | None = None
@@ -100,7 +103,16 @@ class NativeLibrary:
     def _build_with(self, cc: str, flags: list[str]) -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
         key = hashlib.sha256(
-            "\0".join([self.source.read_text(), cc, version, " ".join(flags), _cpu_identity()]).encode()
+            "\0".join(
+                [
+                    self.source.read_text(),
+                    *(h.read_text() for h in self.headers),
+                    cc,
+                    version,
+                    " ".join(flags),
+                    _cpu_identity(),
+                ]
+            ).encode()  # fmt: skip
         ).hexdigest()[:24]
         target = cache_dir() / f"{self.name}-{key}.so"
         if target.exists():

@@ -16,7 +16,11 @@ from seekstack.gemm.layout import ceil_div
 
 FP8 = torch.float8_e4m3fn
 PORTABLE = cpu_native.NativeLibrary(
-    "gemm_decode_portable", native_decode.LIBRARY.source, extra_flags=("-DSEEKSTACK_PORTABLE",), openmp=True
+    "gemm_decode_portable",
+    native_decode.LIBRARY.source,
+    extra_flags=("-DSEEKSTACK_PORTABLE",),
+    openmp=True,
+    headers=native_decode.HEADERS,
 )
 needs_compiler = pytest.mark.skipif(cpu_native.compiler() is None, reason="needs a C compiler")
 pytestmark = needs_compiler
@@ -185,6 +189,17 @@ def test_the_build_is_cached_by_source_flags_and_cpu(tmp_path, monkeypatch):
     assert other.load() is not None
     assert len(list((tmp_path / "native").glob("decode_a-*.so"))) == 2
     assert not list((tmp_path / "native").glob(".*"))  # no temporary files left
+
+
+def test_an_included_header_is_part_of_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEEKSTACK_CACHE_DIR", str(tmp_path / "cache"))
+    header, source = tmp_path / "value.h", tmp_path / "lib.c"
+    source.write_text('#include "value.h"\nint seekstack_value(void) { return VALUE; }\n')
+    values = []
+    for value in (1, 2):
+        header.write_text(f"#define VALUE {value}\n")
+        values.append(cpu_native.NativeLibrary("value", source, headers=(header,)).load().seekstack_value())
+    assert values == [1, 2]
 
 
 def test_switched_off(monkeypatch):

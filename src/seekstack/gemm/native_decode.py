@@ -19,7 +19,8 @@ import torch
 
 from seekstack.cpu_native import NativeLibrary
 
-LIBRARY = NativeLibrary("gemm_decode", Path(__file__).with_name("cpu_decode.c"), openmp=True)
+HEADERS = (Path(__file__).with_name("e4m3.h"),)
+LIBRARY = NativeLibrary("gemm_decode", Path(__file__).with_name("cpu_decode.c"), openmp=True, headers=HEADERS)
 # Below this many elements per thread a split costs more than it saves (waking an OpenMP thread: a few us).
 _MIN_PART_ELEMENTS = 1 << 15
 

@@ -31,6 +31,8 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define SEEKSTACK_MLA_KERNEL 1
 #include <immintrin.h>
+
+#include "../gemm/e4m3.h" /* FP8 caches: e4m3 x power-of-two tile scale, exact in fp32 */
 #else
 #define SEEKSTACK_MLA_KERNEL 0
 #endif
@@ -85,6 +87,25 @@ static inline void widen(const uint16_t *src, int64_t n, float *dst) {
     }
 }
 
+/* A key row of the FP8 cache (DeepSeek-V3.2's layout, `seekstack.mla.fp8_cache`: dv e4m3 values, dv / 128 fp32
+ * scales, d - dv bf16 RoPE values) as fp32 in `widen`'s interleaved order. */
+static inline void widen_fp8(const char *row, int64_t d, int64_t dv, float *dst) {
+    const __m512i lo = _mm512_set_epi32(27, 26, 25, 24, 19, 18, 17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
+    const __m512i hi = _mm512_set_epi32(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4);
+    float tile[128];
+    for (int64_t c0 = 0; c0 < dv; c0 += 128) {
+        float s;
+        memcpy(&s, row + dv + 4 * (c0 / 128), sizeof s);
+        decode_block((const int8_t *)row + c0, 128, s, tile); /* natural order */
+        for (int c = 0; c < 128; c += 32) {
+            __m512 n0 = _mm512_loadu_ps(tile + c), n1 = _mm512_loadu_ps(tile + c + 16);
+            _mm512_storeu_ps(dst + c0 + c, _mm512_permutex2var_ps(n0, lo, n1));
+            _mm512_storeu_ps(dst + c0 + c + 16, _mm512_permutex2var_ps(n0, hi, n1));
+        }
+    }
+    widen((const uint16_t *)(row + dv + 4 * (dv / 128)), d - dv, dst + dv);
+}
+
 /* out[0:n] = bf16(acc[0:n] * scale) in natural order, from `widen`'s interleaved order; rounded to nearest even. */
 static inline void store_row(const float *acc, int64_t n, float scale, uint16_t *out) {
     const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
@@ -104,14 +125,16 @@ static inline void store_row(const float *acc, int64_t n, float scale, uint16_t 
 }
 
 typedef struct {
-    const uint16_t *q, *k_cache;
+    const uint16_t *q;
+    const char *k_cache; /* strides in bytes */
     const int32_t *block_table, *seqlens;
     uint16_t *out;
     float *lse;
     int64_t b, s_q, h_q, h_kv, d, dv, page;
     int64_t block_stride, row_stride, head_stride, table_stride;
     float scale_log2; /* softmax scale x log2(e) */
-    int causal;
+    int causal, fp8;
+    int64_t row_bytes; /* of one key row of one KV head: 2 d, or the FP8 layout's */
 } Problem;
 
 typedef struct {
@@ -165,13 +188,17 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int6
         for (int t = 0; t < KT; t++) {
             int64_t j = j0 + t;
             if (t < nk) {
-                widen(pr->k_cache + table[pg] * pr->block_stride + off * pr->row_stride + g * pr->head_stride, d,
-                      V(w, t));
+                const char *row = pr->k_cache + table[pg] * pr->block_stride + off * pr->row_stride +
+                                  g * pr->head_stride;
+                if (pr->fp8)
+                    widen_fp8(row, d, dv, V(w, t));
+                else
+                    widen((const uint16_t *)row, d, V(w, t));
             }
             if (j + 2 * KT < len) {
-                const char *next = (const char *)(pr->k_cache + table[pg_next] * pr->block_stride +
-                                                  off_next * pr->row_stride + g * pr->head_stride);
-                for (int64_t byte = 0; byte < d * 2; byte += 64)
+                const char *next = pr->k_cache + table[pg_next] * pr->block_stride + off_next * pr->row_stride +
+                                   g * pr->head_stride;
+                for (int64_t byte = 0; byte < pr->row_bytes; byte += 64)
                     _mm_prefetch(next + byte, _MM_HINT_T1); /* to L2: 3 % faster than to L1 at h_q = 16 */
             }
             if (++off == pr->page) {
@@ -313,16 +340,17 @@ static int longer_first(const void *a, const void *b) {
 }
 
 /* Returns 0, or -1 when the sizes are outside what the kernel handles (the caller then runs the PyTorch path). */
-int seekstack_mla_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const int32_t *block_table,
-                              const int32_t *seqlens, uint16_t *out, float *lse, int64_t b, int64_t s_q, int64_t h_q,
-                              int64_t h_kv, int64_t d, int64_t dv, int64_t page, int64_t block_stride,
-                              int64_t row_stride, int64_t head_stride, int64_t table_stride, float softmax_scale,
-                              int64_t causal, int64_t threads) {
+int seekstack_mla_decode(const uint16_t *q, const char *k_cache, const int32_t *block_table, const int32_t *seqlens,
+                         uint16_t *out, float *lse, int64_t b, int64_t s_q, int64_t h_q, int64_t h_kv, int64_t d,
+                         int64_t dv, int64_t page, int64_t block_stride, int64_t row_stride, int64_t head_stride,
+                         int64_t table_stride, float softmax_scale, int64_t causal, int64_t fp8, int64_t threads) {
     if (d % 32 || dv % 64 || dv > d || d > MAX_D || h_kv < 1 || h_q % h_kv || page < 1)
+        return -1;
+    if (fp8 && (dv % 128 || (d - dv) % 32))
         return -1;
     Problem pr = {q, k_cache, block_table, seqlens, out, lse, b, s_q, h_q, h_kv, d, dv, page,
                   block_stride, row_stride, head_stride, table_stride, softmax_scale * 1.4426950408889634f,
-                  (int)causal};
+                  (int)causal, (int)fp8, fp8 ? dv + 4 * (dv / 128) + 2 * (d - dv) : 2 * d};
     const int64_t rows = s_q * (h_q / h_kv), row_blocks = (rows + ROWS - 1) / ROWS;
     const int64_t items = b * h_kv * row_blocks;
     /* Longest requests first, so that the threads' last items are short ones (varlen batches balance). */
@@ -372,5 +400,5 @@ int seekstack_mla_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const 
 }
 
 #else
-int seekstack_mla_decode_bf16(void) { return -1; }
+int seekstack_mla_decode(void) { return -1; }
 #endif

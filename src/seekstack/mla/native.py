@@ -1,7 +1,8 @@
-"""The CPU path's C kernel (`cpu_decode.c`): bf16 queries over a dense paged bf16 cache on AVX512-BF16 CPUs.
+"""The CPU path's C kernel (`cpu_decode.c`): bf16 queries over a dense paged bf16 or FP8 (V3.2 layout) cache on
+AVX-512 CPUs.
 
-`decode(p)` returns None when the kernel does not apply (other dtypes, FP8 or sparse caches, head dims that are not
-multiples of 32 / 64, no AVX512-BF16, no C compiler, `SEEKSTACK_CPU_COMPILE=off`); `mla_decode_cpu` then runs its
+`decode(p)` returns None when the kernel does not apply (other dtypes, sparse decoding, head dims that are not
+multiples of 32 / 64, no AVX-512, no C compiler, `SEEKSTACK_CPU_COMPILE=off`); `mla_decode_cpu` then runs its
 vectorised PyTorch steps. Both are checked against the fp32 reference with FlashMLA's tolerances in the tests.
 
 >>> # from seekstack.mla.interface import validate
@@ -18,7 +19,12 @@ import torch
 from seekstack.cpu_native import NativeLibrary
 from seekstack.mla.interface import DecodeProblem
 
-LIBRARY = NativeLibrary("mla_decode", Path(__file__).with_name("cpu_decode.c"), openmp=True)
+LIBRARY = NativeLibrary(
+    "mla_decode",
+    Path(__file__).with_name("cpu_decode.c"),
+    openmp=True,
+    headers=(Path(__file__).parent.parent / "gemm" / "e4m3.h",),
+)
 _fn = None
 
 
@@ -28,10 +34,10 @@ def _function():
     if lib is None or not lib.seekstack_mla_supported():
         return None
     if _fn is None:
-        fn = lib.seekstack_mla_decode_bf16
+        fn = lib.seekstack_mla_decode
         fn.restype = ctypes.c_int
         i, p = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [p] * 6 + [i] * 11 + [ctypes.c_float, i, i]
+        fn.argtypes = [p] * 6 + [i] * 11 + [ctypes.c_float, i, i, i]
         _fn = fn
     return _fn
 
@@ -41,8 +47,7 @@ def applies(p: DecodeProblem) -> bool:
     return (
         p.q.device.type == "cpu"
         and p.q.dtype == torch.bfloat16
-        and p.k_cache.dtype == torch.bfloat16
-        and not p.is_fp8
+        and (p.is_fp8 or p.k_cache.dtype == torch.bfloat16)
         and not p.sparse
         and p.d % 32 == 0
         and p.head_dim_v % 64 == 0
@@ -70,12 +75,12 @@ def decode(p: DecodeProblem) -> tuple[torch.Tensor, torch.Tensor] | None:
     seqlens = p.cache_seqlens.to(torch.int32).contiguous()
     out = torch.empty(p.b, p.s_q, p.h_q, p.head_dim_v, dtype=torch.bfloat16)
     lse = torch.empty(p.b, p.h_q, p.s_q, dtype=torch.float32)
-    k = p.k_cache
+    k, e = p.k_cache, p.k_cache.element_size()  # strides go over in bytes
     rc = fn(
         q.data_ptr(), k.data_ptr(), table.data_ptr(), seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(),
         p.b, p.s_q, p.h_q, p.h_kv, p.d, p.head_dim_v, p.page,
-        k.stride(0), k.stride(1), k.stride(2), table.stride(0),
-        p.softmax_scale, int(p.causal), torch.get_num_threads(),
+        k.stride(0) * e, k.stride(1) * e, k.stride(2) * e, table.stride(0),
+        p.softmax_scale, int(p.causal), int(p.is_fp8), torch.get_num_threads(),
     )  # fmt: skip
     if rc == -1:
         return None  # sizes outside the kernel's range: the PyTorch path runs
