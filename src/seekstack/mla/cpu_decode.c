@@ -1,6 +1,7 @@
-/* MLA decoding over a paged bf16 cache on AVX-512 CPUs, for seekstack.mla's CPU path (built and loaded by
- * seekstack.cpu_native; the vectorised PyTorch path runs wherever this does not: other dtypes, FP8 or sparse
- * caches, no AVX-512, no compiler).
+/* MLA decoding of bf16 queries over a paged bf16 or FP8 (DeepSeek-V3.2's 656-byte layout) cache, dense or sparse
+ * (per-query-position slot lists), on AVX-512 CPUs, for seekstack.mla's CPU path (built and loaded by
+ * seekstack.cpu_native; the vectorised PyTorch path runs wherever this does not: fp16 / fp32, head dims that are not
+ * multiples of 32 / 64, no AVX-512, no compiler).
  *
  * Why C: the PyTorch path runs one step per group of requests as separate ops: gather the pages, widen them to
  * fp32 (PyTorch has no bf16-in/fp32-out CPU matmul), two MKL sgemms with 16-128 rows, softmax ops; at h_q = 16 a
@@ -135,6 +136,8 @@ typedef struct {
     float scale_log2; /* softmax scale x log2(e) */
     int causal, fp8;
     int64_t row_bytes; /* of one key row of one KV head: 2 d, or the FP8 layout's */
+    const int32_t *indices; /* sparse decoding: [b, s_q, topk] cache slots, -1 = skip; NULL: dense */
+    int64_t topk;
 } Problem;
 
 typedef struct {
@@ -153,13 +156,15 @@ typedef struct {
 #define V(w, t) ((w)->v + (t) * (w)->stride)
 #define QF(w, r) ((w)->qf + (r) * (w)->stride)
 
-static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int64_t r0, int64_t nrows) {
+/* The key rows of a work item: request `req`'s pages (dense), or query position `spos`'s slot list (sparse). */
+static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t spos, int64_t g, int64_t r0, int64_t nrows) {
     const int64_t group = pr->h_q / pr->h_kv, d = pr->d, dv = pr->dv;
-    const int64_t len = pr->seqlens[req];
+    const int32_t *slots = pr->indices ? pr->indices + (req * pr->s_q + spos) * pr->topk : NULL;
+    const int64_t len = slots ? pr->topk : pr->seqlens[req];
     const uint16_t *qrow[ROWS];
     int64_t limit[ROWS], keys = 0;
     for (int64_t r = 0; r < nrows; r++) {
-        int64_t row = r0 + r, s = row / group, h = g * group + row % group;
+        int64_t row = r0 + r, s = slots ? spos : row / group, h = slots ? g * group + row : g * group + row % group;
         qrow[r] = pr->q + ((req * pr->s_q + s) * pr->h_q + h) * d;
         limit[r] = pr->causal ? len - (pr->s_q - 1 - s) : len;
         keys = limit[r] > keys ? limit[r] : keys;
@@ -181,23 +186,34 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int6
          * computes: DRAM latency), stepped key by key. */
         int64_t pg = j0 / pr->page, off = j0 % pr->page;
         int64_t pg_next = (j0 + 2 * KT) / pr->page, off_next = (j0 + 2 * KT) % pr->page;
-        const int32_t *table = pr->block_table + req * pr->table_stride;
+        const int32_t *table = slots ? NULL : pr->block_table + req * pr->table_stride;
         /* Keys of the tile inside the request; the rest of a last tile is neither read nor computed (its V rows
          * keep earlier keys' finite values, or the zeros they start with, and get probability 0). */
         const int nk = len - j0 < KT ? (int)(len - j0) : KT;
+        __mmask16 skipped = 0; /* sparse entries of -1: their scores are masked, their V rows not read */
         for (int t = 0; t < KT; t++) {
             int64_t j = j0 + t;
             if (t < nk) {
-                const char *row = pr->k_cache + table[pg] * pr->block_stride + off * pr->row_stride +
-                                  g * pr->head_stride;
-                if (pr->fp8)
-                    widen_fp8(row, d, dv, V(w, t));
-                else
-                    widen((const uint16_t *)row, d, V(w, t));
+                int64_t slot = slots ? slots[j] : 0;
+                if (slot < 0) {
+                    skipped |= (__mmask16)(1u << t);
+                } else {
+                    const char *row = slots ? pr->k_cache + (slot / pr->page) * pr->block_stride +
+                                                  (slot % pr->page) * pr->row_stride + g * pr->head_stride
+                                            : pr->k_cache + table[pg] * pr->block_stride + off * pr->row_stride +
+                                                  g * pr->head_stride;
+                    if (pr->fp8)
+                        widen_fp8(row, d, dv, V(w, t));
+                    else
+                        widen((const uint16_t *)row, d, V(w, t));
+                }
             }
-            if (j + 2 * KT < len) {
-                const char *next = pr->k_cache + table[pg_next] * pr->block_stride + off_next * pr->row_stride +
-                                   g * pr->head_stride;
+            if (j + 2 * KT < len && (!slots || slots[j + 2 * KT] >= 0)) {
+                int64_t slot = slots ? slots[j + 2 * KT] : 0;
+                const char *next = slots ? pr->k_cache + (slot / pr->page) * pr->block_stride +
+                                               (slot % pr->page) * pr->row_stride + g * pr->head_stride
+                                         : pr->k_cache + table[pg_next] * pr->block_stride +
+                                               off_next * pr->row_stride + g * pr->head_stride;
                 for (int64_t byte = 0; byte < pr->row_bytes; byte += 64)
                     _mm_prefetch(next + byte, _MM_HINT_T1); /* to L2: 3 % faster than to L1 at h_q = 16 */
             }
@@ -254,10 +270,10 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int6
             for (int grp = 0; grp < KT / 16; grp++) {
                 __m512 s = _mm512_mul_ps(_mm512_loadu_ps(w->s[r] + 16 * grp), scale);
                 int64_t first = j0 + 16 * grp;
-                if (first + 16 > limit[r]) {
+                if (first + 16 > limit[r] || skipped) {
                     __mmask16 dead = _mm512_cmpge_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)first)),
                                                              _mm512_set1_epi32((int32_t)(limit[r] < 0 ? 0 : limit[r])));
-                    s = _mm512_mask_blend_ps(dead, s, minus_inf);
+                    s = _mm512_mask_blend_ps(dead | (__mmask16)(skipped >> (16 * grp)), s, minus_inf);
                 }
                 _mm512_storeu_ps(w->s[r] + 16 * grp, s);
                 top = _mm512_max_ps(top, s);
@@ -316,7 +332,7 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t g, int6
         }
     }
     for (int64_t r = 0; r < nrows; r++) {
-        int64_t row = r0 + r, s = row / group, h = g * group + row % group;
+        int64_t row = r0 + r, s = slots ? spos : row / group, h = slots ? g * group + row : g * group + row % group;
         uint16_t *o = pr->out + ((req * pr->s_q + s) * pr->h_q + h) * dv;
         float *lse = pr->lse + (req * pr->h_q + h) * pr->s_q + s;
         float l = _mm512_reduce_add_ps(_mm512_loadu_ps(w->l[r]));
@@ -343,25 +359,29 @@ static int longer_first(const void *a, const void *b) {
 int seekstack_mla_decode(const uint16_t *q, const char *k_cache, const int32_t *block_table, const int32_t *seqlens,
                          uint16_t *out, float *lse, int64_t b, int64_t s_q, int64_t h_q, int64_t h_kv, int64_t d,
                          int64_t dv, int64_t page, int64_t block_stride, int64_t row_stride, int64_t head_stride,
-                         int64_t table_stride, float softmax_scale, int64_t causal, int64_t fp8, int64_t threads) {
+                         int64_t table_stride, float softmax_scale, int64_t causal, int64_t fp8,
+                         const int32_t *indices, int64_t topk, int64_t threads) {
     if (d % 32 || dv % 64 || dv > d || d > MAX_D || h_kv < 1 || h_q % h_kv || page < 1)
         return -1;
     if (fp8 && (dv % 128 || (d - dv) % 32))
         return -1;
     Problem pr = {q, k_cache, block_table, seqlens, out, lse, b, s_q, h_q, h_kv, d, dv, page,
                   block_stride, row_stride, head_stride, table_stride, softmax_scale * 1.4426950408889634f,
-                  (int)causal, (int)fp8, fp8 ? dv + 4 * (dv / 128) + 2 * (d - dv) : 2 * d};
-    const int64_t rows = s_q * (h_q / h_kv), row_blocks = (rows + ROWS - 1) / ROWS;
-    const int64_t items = b * h_kv * row_blocks;
+                  (int)causal, (int)fp8, fp8 ? dv + 4 * (dv / 128) + 2 * (d - dv) : 2 * d, indices, topk};
+    /* Dense: a request's s_q x group rows share its keys. Sparse: each (request, query position) has its own slot
+     * list and the group's rows. */
+    const int64_t units = indices ? b * s_q : b;
+    const int64_t rows = indices ? h_q / h_kv : s_q * (h_q / h_kv), row_blocks = (rows + ROWS - 1) / ROWS;
+    const int64_t items = units * h_kv * row_blocks;
     /* Longest requests first, so that the threads' last items are short ones (varlen batches balance). */
-    LenIndex *order = malloc((size_t)(b > 0 ? b : 1) * sizeof(LenIndex));
+    LenIndex *order = malloc((size_t)(units > 0 ? units : 1) * sizeof(LenIndex));
     if (order == NULL)
         return -2;
-    for (int64_t i = 0; i < b; i++) {
-        order[i].len = seqlens[i];
+    for (int64_t i = 0; i < units; i++) {
+        order[i].len = indices ? topk : seqlens[i];
         order[i].index = i;
     }
-    qsort(order, (size_t)b, sizeof(LenIndex), longer_first);
+    qsort(order, (size_t)units, sizeof(LenIndex), longer_first);
     int failed = 0;
 #pragma omp parallel num_threads((int)threads) if (threads > 1)
     {
@@ -386,9 +406,10 @@ int seekstack_mla_decode(const uint16_t *q, const char *k_cache, const int32_t *
         for (int64_t it = 0; it < items; it++) {
             if (w == NULL)
                 continue;
-            int64_t req = order[it / (h_kv * row_blocks)].index, rest = it % (h_kv * row_blocks);
+            int64_t unit = order[it / (h_kv * row_blocks)].index, rest = it % (h_kv * row_blocks);
             int64_t g = rest / row_blocks, r0 = (rest % row_blocks) * ROWS;
-            attend(&pr, w, req, g, r0, rows - r0 < ROWS ? rows - r0 : ROWS);
+            int64_t req = indices ? unit / s_q : unit, spos = indices ? unit % s_q : -1;
+            attend(&pr, w, req, spos, g, r0, rows - r0 < ROWS ? rows - r0 : ROWS);
         }
         if (w != NULL) {
             free(w->acc);

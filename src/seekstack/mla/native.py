@@ -1,7 +1,7 @@
-"""The CPU path's C kernel (`cpu_decode.c`): bf16 queries over a dense paged bf16 or FP8 (V3.2 layout) cache on
-AVX-512 CPUs.
+"""The CPU path's C kernel (`cpu_decode.c`): bf16 queries over a paged bf16 or FP8 (V3.2 layout) cache, dense or
+sparse (`indices`), on AVX-512 CPUs.
 
-`decode(p)` returns None when the kernel does not apply (other dtypes, sparse decoding, head dims that are not
+`decode(p)` returns None when the kernel does not apply (other dtypes, head dims that are not
 multiples of 32 / 64, no AVX-512, no C compiler, `SEEKSTACK_CPU_COMPILE=off`); `mla_decode_cpu` then runs its
 vectorised PyTorch steps. Both are checked against the fp32 reference with FlashMLA's tolerances in the tests.
 
@@ -37,7 +37,7 @@ def _function():
         fn = lib.seekstack_mla_decode
         fn.restype = ctypes.c_int
         i, p = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [p] * 6 + [i] * 11 + [ctypes.c_float, i, i, i]
+        fn.argtypes = [p] * 6 + [i] * 11 + [ctypes.c_float, i, i, p, i, i]
         _fn = fn
     return _fn
 
@@ -48,7 +48,6 @@ def applies(p: DecodeProblem) -> bool:
         p.q.device.type == "cpu"
         and p.q.dtype == torch.bfloat16
         and (p.is_fp8 or p.k_cache.dtype == torch.bfloat16)
-        and not p.sparse
         and p.d % 32 == 0
         and p.head_dim_v % 64 == 0
         and p.d <= 1024
@@ -69,10 +68,15 @@ def decode(p: DecodeProblem) -> tuple[torch.Tensor, torch.Tensor] | None:
     if fn is None:
         return None
     q = p.q.contiguous()
-    table = p.block_table.to(torch.int32)
-    if table.dim() != 2 or table.stride(1) != 1:
-        table = table.contiguous()
-    seqlens = p.cache_seqlens.to(torch.int32).contiguous()
+    if p.sparse:  # slots instead of a block table and lengths
+        indices = p.indices.to(torch.int32).contiguous()
+        table = seqlens = torch.zeros(1, 1, dtype=torch.int32)
+    else:
+        indices = None
+        table = p.block_table.to(torch.int32)
+        if table.dim() != 2 or table.stride(1) != 1:
+            table = table.contiguous()
+        seqlens = p.cache_seqlens.to(torch.int32).contiguous()
     out = torch.empty(p.b, p.s_q, p.h_q, p.head_dim_v, dtype=torch.bfloat16)
     lse = torch.empty(p.b, p.h_q, p.s_q, dtype=torch.float32)
     k, e = p.k_cache, p.k_cache.element_size()  # strides go over in bytes
@@ -80,7 +84,9 @@ def decode(p: DecodeProblem) -> tuple[torch.Tensor, torch.Tensor] | None:
         q.data_ptr(), k.data_ptr(), table.data_ptr(), seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(),
         p.b, p.s_q, p.h_q, p.h_kv, p.d, p.head_dim_v, p.page,
         k.stride(0) * e, k.stride(1) * e, k.stride(2) * e, table.stride(0),
-        p.softmax_scale, int(p.causal), int(p.is_fp8), torch.get_num_threads(),
+        p.softmax_scale, int(p.causal), int(p.is_fp8),
+        None if indices is None else indices.data_ptr(), 0 if indices is None else indices.shape[-1],
+        torch.get_num_threads(),
     )  # fmt: skip
     if rc == -1:
         return None  # sizes outside the kernel's range: the PyTorch path runs
