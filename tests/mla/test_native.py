@@ -22,9 +22,9 @@ def _problem(case, **kwargs):
     return validate(*case.args(), kwargs.pop("softmax_scale", None), **kwargs)
 
 
-def run_native(case, **kwargs):
+def run_native(case, split_keys=0, **kwargs):
     ref = flash_mla_with_kvcache(*case.args(), **{**case.kwargs(), **kwargs}, backend="reference")
-    got = native.decode(_problem(case, **kwargs))
+    got = native.decode(_problem(case, **kwargs), split_keys)
     assert got is not None, "the C kernel should take this case"
     check_decode(*got, *ref)
     return got, ref
@@ -100,7 +100,28 @@ def test_a_strided_block_table(gen):
     run_native(case)
 
 
+@pytest.mark.parametrize("s_q,causal,h_q,h_kv,block_size", RECIPE[::4])
+def test_recipe_with_keys_split_into_pieces(gen, s_q, causal, h_q, h_kv, block_size):
+    # Pieces of 16 and 48 keys, merged (rows that see no key in a piece, or in any, included).
+    case = recipe_case(gen, s_q, causal, h_q, h_kv, block_size)
+    run_native(case, split_keys=16)
+    run_native(case, split_keys=48)
+
+
+@pytest.mark.parametrize("fp8,topk", [(False, None), (True, None), (False, 100), (True, 100)])
+def test_one_long_request_uses_every_thread(gen, fp8, topk):
+    # A batch of one: split-KV by default with several threads (FlashMLA's reason for its scheduler).
+    case = make_case(1, 2, 16, 1, 3000, block_size=64, causal=topk is None, fp8=fp8, topk=topk, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        run_native(case)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_thread_counts_give_the_same_bits(gen):
+    # With a fixed piece size the work is cut the same way whatever the thread count.
     case = make_case(5, 2, 128, 1, 300, block_size=64, varlen=True, causal=True, generator=gen)
     p = _problem(case)
     threads = torch.get_num_threads()
@@ -108,7 +129,7 @@ def test_thread_counts_give_the_same_bits(gen):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(native.decode(p))
+            results.append(native.decode(p, split_keys=64))
     finally:
         torch.set_num_threads(threads)
     for out, lse in results[1:]:

@@ -37,7 +37,7 @@ def _function():
         fn = lib.seekstack_mla_decode
         fn.restype = ctypes.c_int
         i, p = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [p] * 6 + [i] * 11 + [ctypes.c_float, i, i, p, i, i]
+        fn.argtypes = [p] * 6 + [i] * 11 + [ctypes.c_float, i, i, p, i, i, i]
         _fn = fn
     return _fn
 
@@ -60,8 +60,11 @@ def available() -> bool:
     return _function() is not None
 
 
-def decode(p: DecodeProblem) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(out [b, s_q, h_q, dv] bf16, lse fp32 [b, h_q, s_q]), or None when the kernel does not apply."""
+def decode(p: DecodeProblem, split_keys: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(out [b, s_q, h_q, dv] bf16, lse fp32 [b, h_q, s_q]), or None when the kernel does not apply.
+
+    `split_keys`: 0 lets the kernel cut long requests into pieces for its threads (split-KV, merged as FlashMLA's
+    combine does); > 0 forces pieces of that many keys (rounded up to 16), whatever the thread count."""
     if not applies(p):
         return None
     fn = _function()
@@ -86,7 +89,7 @@ def decode(p: DecodeProblem) -> tuple[torch.Tensor, torch.Tensor] | None:
         k.stride(0) * e, k.stride(1) * e, k.stride(2) * e, table.stride(0),
         p.softmax_scale, int(p.causal), int(p.is_fp8),
         None if indices is None else indices.data_ptr(), 0 if indices is None else indices.shape[-1],
-        torch.get_num_threads(),
+        split_keys, torch.get_num_threads(),
     )  # fmt: skip
     if rc == -1:
         return None  # sizes outside the kernel's range: the PyTorch path runs
