@@ -1,8 +1,8 @@
 """The CPU path's C kernel (`seekstack.mla.native`) against the fp32 reference with FlashMLA's recipe and tolerances
 (the same grid as test_cpu.py's PyTorch steps): permuted block tables, NaN in unused slots and blocks, varlen and
 zero-length requests, s_q in {1, 2, 4}, causal on and off, h_q in {1, 16, 128} over h_kv in {1, 2}, block sizes
-{1, 16, 64}; plus FP8 caches, sparse slot lists, other head dims, rows that see no key, thread counts, and the
-cases it hands back."""
+{1, 16, 64}; plus fp16 / fp32, FP8 caches, sparse slot lists, other head dims, rows that see no key, thread
+counts, and the cases it hands back."""
 
 from __future__ import annotations
 
@@ -33,6 +33,15 @@ def run_native(case, split_keys=0, **kwargs):
 @pytest.mark.parametrize("s_q,causal,h_q,h_kv,block_size", RECIPE)
 def test_recipe(gen, s_q, causal, h_q, h_kv, block_size):
     run_native(recipe_case(gen, s_q, causal, h_q, h_kv, block_size))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("s_q,causal,h_q,h_kv,block_size", RECIPE[::3])
+def test_recipe_fp16_and_fp32(gen, dtype, s_q, causal, h_q, h_kv, block_size):
+    case = make_case(4, s_q, h_q, h_kv, 140, block_size=block_size, varlen=True, zero_lengths=1, causal=causal,
+                     dtype=dtype, generator=gen)  # fmt: skip
+    (out, _), _ = run_native(case)
+    assert out.dtype == dtype
 
 
 @pytest.mark.parametrize("block_size", [1, 64])
@@ -137,9 +146,9 @@ def test_thread_counts_give_the_same_bits(gen):
 
 
 def test_cases_it_hands_back_to_the_pytorch_steps(gen, monkeypatch):
-    fp16 = make_case(2, 1, 16, 1, 50, dtype=torch.float16, generator=gen)
     small_dv = make_case(2, 1, 16, 1, 50, d=64, dv=32, generator=gen)
-    for case in (fp16, small_dv):
+    odd_d = make_case(2, 1, 16, 1, 50, d=80, dv=64, generator=gen)
+    for case in (small_dv, odd_d):
         assert native.decode(_problem(case)) is None
     bf16 = make_case(2, 1, 16, 1, 50, generator=gen)
     monkeypatch.setenv("SEEKSTACK_CPU_COMPILE", "off")

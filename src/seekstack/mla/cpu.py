@@ -1,8 +1,8 @@
 """Vectorised PyTorch MLA decoding with bounded memory: the path chosen on CPU.
 
-bf16 queries go first to the C kernel (`seekstack.mla.native`: bf16 or FP8 caches, dense or sparse; 2-40x faster:
-it keeps a tile of keys in cache across both products and the softmax); this path takes the rest (fp16 / fp32,
-head dims the kernel does not tile, no compiler or AVX-512) and is tested on every case on its own (`native=False`).
+Problems go first to the C kernel (`seekstack.mla.native`: bf16 / fp16 / fp32 or FP8 caches, dense or sparse; 2-40x
+faster: it keeps a tile of keys in cache across both products and the softmax); this path takes the rest (head dims
+the kernel does not tile, no compiler or AVX-512) and is tested on every case on its own (`native=False`).
 
 `cpu_plan.make_plan` sorts the requests by length and cuts the work into steps of at most `tokens_per_step` keys:
 short requests of similar length share a step, a long one is cut into equal chunks. A step gathers its pages (or

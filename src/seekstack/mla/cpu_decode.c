@@ -1,6 +1,6 @@
-/* MLA decoding of bf16 queries over a paged bf16 or FP8 (DeepSeek-V3.2's 656-byte layout) cache, dense or sparse
- * (per-query-position slot lists), on AVX-512 CPUs, for seekstack.mla's CPU path (built and loaded by
- * seekstack.cpu_native; the vectorised PyTorch path runs wherever this does not: fp16 / fp32, head dims that are not
+/* MLA decoding of bf16 / fp16 / fp32 queries over a paged cache of the same type or FP8 (DeepSeek-V3.2's 656-byte
+ * layout), dense or sparse (per-query-position slot lists), on AVX-512 CPUs, for seekstack.mla's CPU path (built and
+ * loaded by seekstack.cpu_native; the vectorised PyTorch path runs wherever this does not: head dims that are not
  * multiples of 32 / 64, no AVX-512, no compiler).
  *
  * Why C: the PyTorch path runs one step per group of requests as separate ops: gather the pages, widen them to
@@ -90,6 +90,30 @@ static inline void widen(const uint16_t *src, int64_t n, float *dst) {
     }
 }
 
+enum { BF16 = 0, FP16 = 1, FP32 = 2 }; /* element types of q, out and a non-FP8 cache */
+
+/* `widen` for any element type: fp16 and fp32 rows are converted in natural order and put in the interleaved one. */
+static inline void widen_any(const char *src, int64_t n, int dtype, float *dst) {
+    if (dtype == BF16) {
+        widen((const uint16_t *)src, n, dst);
+        return;
+    }
+    const __m512i lo = _mm512_set_epi32(27, 26, 25, 24, 19, 18, 17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
+    const __m512i hi = _mm512_set_epi32(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4);
+    for (int64_t c = 0; c < n; c += 32) {
+        __m512 n0, n1;
+        if (dtype == FP16) {
+            n0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + 2 * c)));
+            n1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + 2 * c + 32)));
+        } else {
+            n0 = _mm512_loadu_ps((const float *)src + c);
+            n1 = _mm512_loadu_ps((const float *)src + c + 16);
+        }
+        _mm512_storeu_ps(dst + c, _mm512_permutex2var_ps(n0, lo, n1));
+        _mm512_storeu_ps(dst + c + 16, _mm512_permutex2var_ps(n0, hi, n1));
+    }
+}
+
 /* A key row of the FP8 cache (DeepSeek-V3.2's layout, `seekstack.mla.fp8_cache`: dv e4m3 values, dv / 128 fp32
  * scales, d - dv bf16 RoPE values) as fp32 in `widen`'s interleaved order. */
 static inline void widen_fp8(const char *row, int64_t d, int64_t dv, float *dst) {
@@ -109,8 +133,10 @@ static inline void widen_fp8(const char *row, int64_t d, int64_t dv, float *dst)
     widen((const uint16_t *)(row + dv + 4 * (dv / 128)), d - dv, dst + dv);
 }
 
-/* out[0:n] = bf16(acc[0:n] * scale) in natural order, from `widen`'s interleaved order; rounded to nearest even. */
-static inline void store_row(const float *acc, int64_t n, float scale, uint16_t *out) {
+/* out[0:n] = acc[0:n] * scale in natural order, from `widen`'s interleaved order, as bf16 / fp16 (rounded to nearest
+ * even, as torch rounds) or fp32. */
+static inline void store_row(const float *acc, int64_t n, float scale, int dtype, char *out_bytes) {
+    uint16_t *out = (uint16_t *)out_bytes;
     const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
     const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
     const __m512 k = _mm512_set1_ps(scale);
@@ -118,6 +144,17 @@ static inline void store_row(const float *acc, int64_t n, float scale, uint16_t 
     for (int64_t c = 0; c < n; c += 32) {
         __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(acc + c), k), hi = _mm512_mul_ps(_mm512_loadu_ps(acc + c + 16), k);
         __m512 halves[2] = {_mm512_permutex2var_ps(lo, first, hi), _mm512_permutex2var_ps(lo, second, hi)};
+        if (dtype == FP32) {
+            _mm512_storeu_ps((float *)out_bytes + c, halves[0]);
+            _mm512_storeu_ps((float *)out_bytes + c + 16, halves[1]);
+            continue;
+        }
+        if (dtype == FP16) {
+            for (int h = 0; h < 2; h++)
+                _mm256_storeu_si256((__m256i *)(out + c + 16 * h),
+                                    _mm512_cvtps_ph(halves[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            continue;
+        }
         for (int h = 0; h < 2; h++) {
             __m512i u = _mm512_castps_si512(halves[h]);
             __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
@@ -128,15 +165,16 @@ static inline void store_row(const float *acc, int64_t n, float scale, uint16_t 
 }
 
 typedef struct {
-    const uint16_t *q;
+    const char *q;
     const char *k_cache; /* strides in bytes */
     const int32_t *block_table, *seqlens;
-    uint16_t *out;
+    char *out;
     float *lse;
     int64_t b, s_q, h_q, h_kv, d, dv, page;
     int64_t block_stride, row_stride, head_stride, table_stride;
     float scale_log2; /* softmax scale x log2(e) */
-    int causal, fp8;
+    int causal, fp8, dtype;
+    int64_t esize; /* bytes of a q / out element (and of a non-FP8 cache's) */
     int64_t row_bytes; /* of one key row of one KV head: 2 d, or the FP8 layout's */
     const int32_t *indices; /* sparse decoding: [b, s_q, topk] cache slots, -1 = skip; NULL: dense */
     int64_t topk;
@@ -170,14 +208,14 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t spos, i
     const int64_t group = pr->h_q / pr->h_kv, d = pr->d, dv = pr->dv;
     const int32_t *slots = pr->indices ? pr->indices + (req * pr->s_q + spos) * pr->topk : NULL;
     const int64_t len = slots ? pr->topk : pr->seqlens[req];
-    const uint16_t *qrow[ROWS];
+    const char *qrow[ROWS];
     int64_t limit[ROWS], keys = 0;
     for (int64_t r = 0; r < nrows; r++) {
         int64_t row = r0 + r, s = slots ? spos : row / group, h = slots ? g * group + row : g * group + row % group;
-        qrow[r] = pr->q + ((req * pr->s_q + s) * pr->h_q + h) * d;
+        qrow[r] = pr->q + ((req * pr->s_q + s) * pr->h_q + h) * d * pr->esize;
         limit[r] = pr->causal ? len - (pr->s_q - 1 - s) : len;
         keys = limit[r] > keys ? limit[r] : keys;
-        widen(qrow[r], d, QF(w, r));
+        widen_any(qrow[r], d, pr->dtype, QF(w, r));
         w->m[r] = -INFINITY;
         memset(w->l[r], 0, sizeof w->l[r]);
         memset(ACC(w, r), 0, (size_t)dv * sizeof(float));
@@ -216,7 +254,7 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t spos, i
                     if (pr->fp8)
                         widen_fp8(row, d, dv, V(w, t));
                     else
-                        widen((const uint16_t *)row, d, V(w, t));
+                        widen_any(row, d, pr->dtype, V(w, t));
                 }
             }
             if (j + 2 * KT < end && (!slots || slots[j + 2 * KT] >= 0)) {
@@ -351,14 +389,14 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t spos, i
             continue;
         }
         int64_t row = r0 + r, s = slots ? spos : row / group, h = slots ? g * group + row : g * group + row % group;
-        uint16_t *o = pr->out + ((req * pr->s_q + s) * pr->h_q + h) * dv;
+        char *o = pr->out + ((req * pr->s_q + s) * pr->h_q + h) * dv * pr->esize;
         float *lse = pr->lse + (req * pr->h_q + h) * pr->s_q + s;
         if (l == 0.0f) {
-            memset(o, 0, (size_t)dv * sizeof(uint16_t));
+            memset(o, 0, (size_t)(dv * pr->esize));
             *lse = INFINITY;
             continue;
         }
-        store_row(ACC(w, r), dv, 1.0f / l, o);
+        store_row(ACC(w, r), dv, 1.0f / l, pr->dtype, o);
         *lse = (w->m[r] + log2f(l)) * 0.69314718055994531f;
     }
 }
@@ -397,13 +435,13 @@ static void combine(const Problem *pr, const Partial *parts, int64_t n, int64_t 
     const int64_t group = pr->h_q / pr->h_kv, dv = pr->dv;
     for (int64_t r = 0; r < nrows; r++) {
         int64_t row = r0 + r, s = spos >= 0 ? spos : row / group, h = spos >= 0 ? g * group + row : g * group + row % group;
-        uint16_t *o = pr->out + ((req * pr->s_q + s) * pr->h_q + h) * dv;
+        char *o = pr->out + ((req * pr->s_q + s) * pr->h_q + h) * dv * pr->esize;
         float *lse = pr->lse + (req * pr->h_q + h) * pr->s_q + s;
         float top = -INFINITY, l = 0.0f;
         for (int64_t i = 0; i < n; i++)
             top = parts[i].m[r] > top ? parts[i].m[r] : top;
         if (top == -INFINITY) { /* no split saw a key */
-            memset(o, 0, (size_t)dv * sizeof(uint16_t));
+            memset(o, 0, (size_t)(dv * pr->esize));
             *lse = INFINITY;
             continue;
         }
@@ -418,7 +456,7 @@ static void combine(const Problem *pr, const Partial *parts, int64_t n, int64_t 
                 _mm512_storeu_ps(scratch + c, _mm512_fmadd_ps(_mm512_loadu_ps(parts[i].acc + r * dv + c), wv,
                                                               _mm512_loadu_ps(scratch + c)));
         }
-        store_row(scratch, dv, 1.0f / l, o);
+        store_row(scratch, dv, 1.0f / l, pr->dtype, o);
         *lse = (top + log2f(l)) * 0.69314718055994531f;
     }
 }
@@ -439,18 +477,22 @@ static int longer_first(const void *a, const void *b) {
 }
 
 /* Returns 0, or -1 when the sizes are outside what the kernel handles (the caller then runs the PyTorch path). */
-int seekstack_mla_decode(const uint16_t *q, const char *k_cache, const int32_t *block_table, const int32_t *seqlens,
-                         uint16_t *out, float *lse, int64_t b, int64_t s_q, int64_t h_q, int64_t h_kv, int64_t d,
+int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *block_table, const int32_t *seqlens,
+                         char *out, float *lse, int64_t b, int64_t s_q, int64_t h_q, int64_t h_kv, int64_t d,
                          int64_t dv, int64_t page, int64_t block_stride, int64_t row_stride, int64_t head_stride,
                          int64_t table_stride, float softmax_scale, int64_t causal, int64_t fp8,
-                         const int32_t *indices, int64_t topk, int64_t split_keys, int64_t threads) {
+                         const int32_t *indices, int64_t topk, int64_t split_keys, int64_t dtype, int64_t threads) {
     if (d % 32 || dv % 64 || dv > d || d > MAX_D || h_kv < 1 || h_q % h_kv || page < 1)
         return -1;
     if (fp8 && (dv % 128 || (d - dv) % 32))
         return -1;
+    if (dtype < BF16 || dtype > FP32)
+        return -1;
+    const int64_t esize = dtype == FP32 ? 4 : 2;
     Problem pr = {q, k_cache, block_table, seqlens, out, lse, b, s_q, h_q, h_kv, d, dv, page,
                   block_stride, row_stride, head_stride, table_stride, softmax_scale * 1.4426950408889634f,
-                  (int)causal, (int)fp8, fp8 ? dv + 4 * (dv / 128) + 2 * (d - dv) : 2 * d, indices, topk};
+                  (int)causal, (int)fp8, (int)dtype, esize, fp8 ? dv + 4 * (dv / 128) + 2 * (d - dv) : esize * d,
+                  indices, topk};
     /* Dense: a request's s_q x group rows share its keys. Sparse: each (request, query position) has its own slot
      * list and the group's rows. */
     const int64_t units = indices ? b * s_q : b;

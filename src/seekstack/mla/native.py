@@ -1,7 +1,7 @@
-"""The CPU path's C kernel (`cpu_decode.c`): bf16 queries over a paged bf16 or FP8 (V3.2 layout) cache, dense or
-sparse (`indices`), on AVX-512 CPUs.
+"""The CPU path's C kernel (`cpu_decode.c`): bf16, fp16 or fp32 queries over a paged cache of the same type or FP8
+(V3.2 layout), dense or sparse (`indices`), on AVX-512 CPUs.
 
-`decode(p)` returns None when the kernel does not apply (other dtypes, head dims that are not
+`decode(p)` returns None when the kernel does not apply (head dims that are not
 multiples of 32 / 64, no AVX-512, no C compiler, `SEEKSTACK_CPU_COMPILE=off`); `mla_decode_cpu` then runs its
 vectorised PyTorch steps. Both are checked against the fp32 reference with FlashMLA's tolerances in the tests.
 
@@ -27,6 +27,7 @@ LIBRARY = NativeLibrary(
 )
 _fn = None
 _NO_TABLE = torch.zeros(1, 1, dtype=torch.int32)  # sparse decoding passes slots instead
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # q, out (and a non-FP8 cache)
 
 
 def _function():
@@ -38,7 +39,7 @@ def _function():
         fn = lib.seekstack_mla_decode
         fn.restype = ctypes.c_int
         i, p = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [p] * 6 + [i] * 11 + [ctypes.c_float, i, i, p, i, i, i]
+        fn.argtypes = [p] * 6 + [i] * 11 + [ctypes.c_float, i, i, p, i, i, i, i]
         _fn = fn
     return _fn
 
@@ -47,8 +48,8 @@ def applies(p: DecodeProblem) -> bool:
     """Whether the kernel takes this problem (before asking for the library)."""
     return (
         p.q.device.type == "cpu"
-        and p.q.dtype == torch.bfloat16
-        and (p.is_fp8 or p.k_cache.dtype == torch.bfloat16)
+        and p.q.dtype in _DTYPE_CODES
+        and (p.is_fp8 or p.k_cache.dtype == p.q.dtype)
         and p.d % 32 == 0
         and p.head_dim_v % 64 == 0
         and p.d <= 1024
@@ -62,7 +63,7 @@ def available() -> bool:
 
 
 def decode(p: DecodeProblem, split_keys: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(out [b, s_q, h_q, dv] bf16, lse fp32 [b, h_q, s_q]), or None when the kernel does not apply.
+    """(out [b, s_q, h_q, dv] in q's dtype, lse fp32 [b, h_q, s_q]), or None when the kernel does not apply.
 
     `split_keys`: 0 lets the kernel cut long requests into pieces for its threads (split-KV, merged as FlashMLA's
     combine does); > 0 forces pieces of that many keys (rounded up to 16), whatever the thread count."""
@@ -86,14 +87,15 @@ def decode(p: DecodeProblem, split_keys: int = 0) -> tuple[torch.Tensor, torch.T
         seqlens = p.cache_seqlens if p.cache_seqlens.is_contiguous() else p.cache_seqlens.contiguous()
         idx_ptr, topk = None, 0
     dv = p.head_dim_v
-    out = torch.empty(b, s_q, h_q, dv, dtype=torch.bfloat16)
+    out = torch.empty(b, s_q, h_q, dv, dtype=q.dtype)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32)
     e = k.element_size()  # strides go over in bytes
     ks = k.stride()
     rc = fn(
         q.data_ptr(), k.data_ptr(), table.data_ptr(), seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(),
         b, s_q, h_q, k.shape[2], d, dv, k.shape[1], ks[0] * e, ks[1] * e, ks[2] * e, table.stride(0),
-        p.softmax_scale, int(p.causal), int(p.is_fp8), idx_ptr, topk, split_keys, torch.get_num_threads(),
+        p.softmax_scale, int(p.causal), int(p.is_fp8), idx_ptr, topk, split_keys, _DTYPE_CODES[q.dtype],
+        torch.get_num_threads(),
     )  # fmt: skip
     if rc == -1:
         return None  # sizes outside the kernel's range: the PyTorch path runs
