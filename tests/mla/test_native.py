@@ -66,6 +66,12 @@ def test_sparse(gen, s_q, h_q, h_kv, block_size, topk, fp8):
     run_native(case)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_sparse_split_into_pieces(gen, fp8):
+    case = make_case(2, 2, 128, 2, 300, block_size=16, topk=100, fp8=fp8, generator=gen)
+    run_native(case, split_keys=16)
+
+
 def test_sparse_all_skipped(gen):
     case = make_case(2, 2, 16, 1, 100, topk=24, generator=gen)
     case.indices[1, 0] = -1  # this query position sees no key: out = 0, lse = +inf
