@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
     }
+    if not cuda:  # which CPU decode ran: the C pass or the eager torch passes (no compiler, or switched off)
+        from .native_decode import available
+
+        report.params["cpu_decode"] = "native" if available() else "eager"
 
     small: list[float] = []  # ratios where each weight matrix meets <= 256 rows (memory-bound side)
     large: list[float] = []

@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         columns=["b", "h_q", "s_q", "s_k", "ms", "GB/s", "TFLOP/s", "roof ms", "% roof", "bound", "x ref"],
     )
     report.params.update(device=str(device), backend=backend, fp8=args.fp8, torch_threads=torch.get_num_threads())
+    if backend == "cpu":  # the C kernel, or the PyTorch steps (no compiler or AVX-512, or switched off)
+        from seekstack.mla.native import available
+
+        report.params["cpu_kernel"] = "native" if available() else "pytorch"
     sync = _sync(device)
     rows = []
     for b, h_q, s_q, s_k in shapes(device, args.quick):
