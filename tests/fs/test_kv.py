@@ -11,6 +11,15 @@ from seekstack.fs.kv import Conflict, open_store, prefix_end
 from seekstack.fs.meta.store import ROOT, MetaStore
 
 
+def _in_threads(fn, n: int, *args_per_thread) -> None:
+    """Run `fn` on `n` threads at once (`fn(*args_per_thread[i])` when arguments are given) and join them."""
+    threads = [threading.Thread(target=fn, args=args_per_thread[i] if args_per_thread else ()) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def store_url(request, tmp_path):
     if request.param == "sqlite":
@@ -60,11 +69,7 @@ def test_concurrent_increments_are_serializable(store_url):
         for _ in range(30):
             kv.run(incr)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _in_threads(worker, 4)
     assert kv.read(lambda t: int(t.get(b"n"))) == 120
 
 
@@ -97,11 +102,7 @@ def test_meta_on_postgres_concurrent_creates(postgres_url):
             inos.append(r["stat"]["ino"])
             metas[k].close(r["stat"]["ino"], r["session"], i)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _in_threads(worker, 3, *[(k,) for k in range(3)])
     assert len(set(inos)) == 45
     assert len(metas[2].listdir("/d", ROOT)) == 45
     metas[1].rename("/d", "/e", ROOT)
@@ -125,11 +126,7 @@ def test_postgres_stores_created_at_the_same_moment(postgres_url):
             except Exception as e:  # pragma: no cover - the failure this test exists to catch
                 errors.append(e)
 
-        threads = [threading.Thread(target=create) for _ in range(6)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        _in_threads(create, 6)
         assert errors == []
         stores[0].run(lambda t: t.set(b"k", b"v"))
         assert stores[5].read(lambda t: t.get(b"k")) == b"v"
@@ -167,11 +164,7 @@ def test_cluster_with_two_metas_on_postgres(postgres_url, tmp_path):
                     except FileNotFoundError:  # pragma: no cover - renames of distinct sources cannot collide
                         results.append(0)
 
-            ts = [threading.Thread(target=worker, args=(fs, k)) for k, fs in enumerate((a, b))]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
+            _in_threads(worker, 2, (a, 0), (b, 1))
             assert sum(results) == 20
             assert a.listdir("/shared") == ["last"]
             data = b.read_bytes("/shared/last")

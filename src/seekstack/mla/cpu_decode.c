@@ -462,14 +462,27 @@ static void combine(const Problem *pr, const Partial *parts, int64_t n, int64_t 
 }
 
 typedef struct {
-    int64_t keys;             /* k_end - k_begin: the sort key */
-    int64_t unit, g, r0, k_begin, k_end;
-    int64_t part;             /* index into the partials, or -1: writes out / lse itself */
+    int64_t unit, g, r0; /* a request (sparse: a request's query position), a KV head, a block of rows */
+} Block;
+
+typedef struct {
+    int64_t keys; /* k_end - k_begin: the sort key */
+    Block at;
+    int64_t k_begin, k_end;
+    int64_t part; /* index into the partials, or -1: writes out / lse itself */
 } Item;
 
 typedef struct {
-    int64_t unit, g, r0, first, n; /* partials first .. first + n - 1 */
+    Block at;
+    int64_t first, n; /* partials first .. first + n - 1 */
 } Merge;
+
+/* A block's request, query position (sparse; -1 when dense) and number of rows. */
+static void locate(const Problem *pr, int64_t rows, Block at, int64_t *req, int64_t *spos, int64_t *nrows) {
+    *req = pr->indices ? at.unit / pr->s_q : at.unit;
+    *spos = pr->indices ? at.unit % pr->s_q : -1;
+    *nrows = rows - at.r0 < ROWS ? rows - at.r0 : ROWS;
+}
 
 static int longer_first(const void *a, const void *b) {
     int64_t la = ((const Item *)a)->keys, lb = ((const Item *)b)->keys;
@@ -534,7 +547,7 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
         for (int64_t g = 0; g < h_kv; g++)
             for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
                 if (n > 1)
-                    merges[im++] = (Merge){u, g, r0, ip, n};
+                    merges[im++] = (Merge){{u, g, r0}, ip, n};
                 for (int64_t k = 0; k < n; k++) {
                     int64_t k_begin = n > 1 ? k * piece : 0, k_end = n > 1 && k + 1 < n ? (k + 1) * piece : INT64_MAX;
                     int64_t part = -1;
@@ -544,7 +557,7 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
                         part = ip++;
                     }
                     int64_t span = (k_end < len ? k_end : len) - k_begin;
-                    items[it++] = (Item){span, u, g, r0, k_begin, k_end, part};
+                    items[it++] = (Item){span, {u, g, r0}, k_begin, k_end, part};
                 }
             }
     }
@@ -562,9 +575,9 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
             if (w == NULL)
                 continue;
             const Item *item = &items[i];
-            int64_t req = indices ? item->unit / s_q : item->unit, spos = indices ? item->unit % s_q : -1;
-            int64_t nrows = rows - item->r0 < ROWS ? rows - item->r0 : ROWS;
-            attend(&pr, w, req, spos, item->g, item->r0, nrows, item->k_begin, item->k_end,
+            int64_t req, spos, nrows;
+            locate(&pr, rows, item->at, &req, &spos, &nrows);
+            attend(&pr, w, req, spos, item->at.g, item->at.r0, nrows, item->k_begin, item->k_end,
                    item->part >= 0 ? &parts[item->part] : NULL);
         }
 #pragma omp for schedule(dynamic, 1)
@@ -572,9 +585,9 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
             if (w == NULL)
                 continue;
             const Merge *mg = &merges[i];
-            int64_t req = indices ? mg->unit / s_q : mg->unit, spos = indices ? mg->unit % s_q : -1;
-            int64_t nrows = rows - mg->r0 < ROWS ? rows - mg->r0 : ROWS;
-            combine(&pr, parts + mg->first, mg->n, req, spos, mg->g, mg->r0, nrows, ACC(w, 0));
+            int64_t req, spos, nrows;
+            locate(&pr, rows, mg->at, &req, &spos, &nrows);
+            combine(&pr, parts + mg->first, mg->n, req, spos, mg->at.g, mg->at.r0, nrows, ACC(w, 0));
         }
     }
     free(items), free(merges), free(parts), free(part_data);

@@ -33,9 +33,12 @@ _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # q, out
 def _function():
     global _fn
     lib = LIBRARY.load()
-    if lib is None or not lib.seekstack_mla_supported():
+    if lib is None or _fn is False:
         return None
     if _fn is None:
+        if not lib.seekstack_mla_supported():  # built without AVX-512: asked once
+            _fn = False
+            return None
         fn = lib.seekstack_mla_decode
         fn.restype = ctypes.c_int
         i, p = ctypes.c_int64, ctypes.c_void_p
