@@ -59,6 +59,7 @@ def test_plans_match_the_dequantised_reference(
     seed, monkeypatch, m, n, k, b_gran, chunk, plan, out_dtype, with_c, decode
 ):
     monkeypatch.setattr(cpu, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(cpu, "_THREADED_CHUNK_BYTES", chunk)  # several chunks whatever the thread count
     monkeypatch.setenv("SEEKSTACK_CPU_COMPILE", "auto" if decode == "native" else "off")
     assert cpu._plan(m, n, ceil_div(k, 128) * 128) == plan  # the eager plans; native ones: test_native_plans
     a, sfa, b, sfb = _operands(m, n, k, b_gran)
@@ -73,9 +74,10 @@ def test_plans_match_the_dequantised_reference(
 
 
 def test_native_plans(monkeypatch):
-    # With the C decode the weight goes left from K >= M (its transposes are cheap), and a chunk grows with the
-    # threads that decode it.
+    # With the C decode the weight goes left from K >= M on one thread (its transposes are cheap), from K >= 4 M on
+    # several, and a chunk grows with the threads that decode it.
     monkeypatch.setattr(cpu, "_CHUNK_BYTES", 16 << 10)
+    monkeypatch.setattr(cpu, "_THREADED_CHUNK_BYTES", 64 << 10)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -83,7 +85,8 @@ def test_native_plans(monkeypatch):
         assert cpu._plan(64, 1000, 128, native=False) == (32, False)
         assert cpu._plan(130, 1000, 128, native=True) == (32, False)
         torch.set_num_threads(2)
-        assert cpu._plan(64, 1000, 128, native=True) == (64, True)
+        assert cpu._plan(64, 1000, 128, native=True) == (256, False)
+        assert cpu._plan(32, 1000, 128, native=True) == (256, True)
         assert cpu._plan(64, 1000, 128, native=False) == (32, False)
     finally:
         torch.set_num_threads(threads)

@@ -35,6 +35,10 @@ _CLEAR_BIT14 = torch.tensor(-16385, dtype=torch.int16, device="cpu")  # 0xBFFF: 
 # 0.47 ns at 0.9 MiB chunks vs 0.67 ns at 4 MiB; end to end, 0.5 MiB measured 3-6 % faster than 1 and 2 MiB, and
 # 0.25 MiB no better (each torch call has ~1-3 us of fixed cost).
 _CHUNK_BYTES = 512 << 10
+# With several threads (C decode), per thread: each small-M MKL call splits poorly over 2 cores (M = 64, 160 x 1792
+# weight rows: 143 us on 2 threads vs 208 on one), so fewer, larger calls win. `seekstack bench gemm --threads 2`,
+# FP8 / fp32 time at M = 64: 1.46-1.79 at 512 KiB, 1.26-1.68 at 8 MiB (most weights in one chunk).
+_THREADED_CHUNK_BYTES = 8 << 20
 # From this M on the matmul dominates and larger pieces keep it efficient.
 _LARGE_M = 256
 _LARGE_CHUNK_BYTES = 4 << 20
@@ -53,6 +57,9 @@ _WHOLE_BYTES = 256 << 20
 _WEIGHT_LEFT_MAX_M = 160
 _WEIGHT_LEFT_K_PER_M = 4
 _WEIGHT_LEFT_K_PER_M_NATIVE = 1
+# ... but with several threads only from k >= 4 * m: at (M, N, K) = (64, 8192, 128) on 2 threads, weight-left took
+# 1.78 x the fp32 time and weight-right 1.59 (the [8192, 64] product's transpose is as large as the weight).
+_WEIGHT_LEFT_K_PER_M_THREADED = 4
 # Chunk rows are a multiple of this (MKL works on row blocks): 2-3 % faster at (M, N, K) = (64, 528, 1792).
 _ROW_ALIGN = 32
 
@@ -133,12 +140,16 @@ def _plan(m: int, n: int, kp: int, native: bool = False) -> tuple[int, bool]:
         if n * kp * 4 <= _WHOLE_BYTES:
             return n, False  # the matmul dominates: one large matmul beats cache-sized pieces
         return min(n, max(1024, _LARGE_CHUNK_BYTES // (4 * kp))), False
-    # The C decode splits a chunk over the torch threads (one L2 each); the eager passes are split by torch itself.
-    chunk = _CHUNK_BYTES * (torch.get_num_threads() if native else 1)
+    # The C decode splits a chunk over the torch threads; the eager passes are split by torch itself.
+    threads = torch.get_num_threads() if native else 1
+    chunk = (_CHUNK_BYTES if threads == 1 else _THREADED_CHUNK_BYTES) * threads
     rows = max(16, chunk // (4 * kp))
     rows = -(-n // -(-n // rows))  # equal chunks: a short last one would pay the per-op overhead for little work
     rows = min(n, align(rows, _ROW_ALIGN))
-    k_per_m = _WEIGHT_LEFT_K_PER_M_NATIVE if native else _WEIGHT_LEFT_K_PER_M
+    if not native:
+        k_per_m = _WEIGHT_LEFT_K_PER_M
+    else:
+        k_per_m = _WEIGHT_LEFT_K_PER_M_NATIVE if threads == 1 else _WEIGHT_LEFT_K_PER_M_THREADED
     return rows, m <= _WEIGHT_LEFT_MAX_M and kp >= k_per_m * m
 
 

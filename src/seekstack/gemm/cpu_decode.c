@@ -35,18 +35,61 @@ void seekstack_decode_e4m3_rows(const int8_t *restrict x, int64_t rows, int64_t 
     }
 }
 
+/* out[j, 0:nr] = tile[0:nr][j] for j < 128: a decoded [16, 128] tile written transposed into 128 rows of out. */
+#if defined(__AVX512F__) && !defined(SEEKSTACK_PORTABLE)
+/* 16 x 16 blocks transposed in registers (unpacks, then 128-bit lane shuffles): 64 shuffles and 16 masked 64-byte
+ * stores per 256 elements, where a scalar column walk made the transposed decode twice the plain one's time. */
+static void store_transposed(float tile[16][128], int64_t nr, float *restrict out, int64_t out_stride) {
+    const __mmask16 live = (__mmask16)((1u << nr) - 1u);
+    for (int64_t j0 = 0; j0 < 128; j0 += 16) {
+        __m512 r[16], t[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = _mm512_loadu_ps(tile[i] + j0);
+        for (int i = 0; i < 16; i += 2) { /* per 128-bit lane q: (a[4q], b[4q], a[4q+1], b[4q+1]) and the next two */
+            t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 16; i += 4) { /* r[i + e], lane q: rows i .. i+3 of column 4q + e */
+            r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+            r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+            r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+            r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        }
+        for (int e = 0; e < 4; e++) { /* column 4q + e = lane q of r[e], r[4 + e], r[8 + e], r[12 + e] */
+            __m512 lo01 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x44), hi01 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xEE);
+            __m512 lo23 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x44);
+            __m512 hi23 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xEE);
+            float *o = out + (j0 + e) * out_stride;
+            _mm512_mask_storeu_ps(o, live, _mm512_shuffle_f32x4(lo01, lo23, 0x88));
+            _mm512_mask_storeu_ps(o + 4 * out_stride, live, _mm512_shuffle_f32x4(lo01, lo23, 0xDD));
+            _mm512_mask_storeu_ps(o + 8 * out_stride, live, _mm512_shuffle_f32x4(hi01, hi23, 0x88));
+            _mm512_mask_storeu_ps(o + 12 * out_stride, live, _mm512_shuffle_f32x4(hi01, hi23, 0xDD));
+        }
+    }
+}
+#else
+static void store_transposed(float tile[16][128], int64_t nr, float *restrict out, int64_t out_stride) {
+    for (int64_t j = 0; j < 128; j++)
+        for (int64_t i = 0; i < nr; i++)
+            out[j * out_stride + i] = tile[i][j];
+}
+#endif
+
 /* The transpose: out[c, r] = e4m3(x[r, c]) * scales[r, c / 128] for r < rows, c < k; out[k:kp, r] = 0.
- * Rows are decoded 16 at a time into a small row-major tile that is then written column by column. */
+ * Rows are decoded 16 at a time into a [16, 128] tile that is written transposed. Threads take blocks of 128
+ * columns, i.e. whole rows of out: split by rows, two cores wrote neighbouring lines of each out row (M = 64:
+ * 52 us on 2 threads vs 48 on one). */
 void seekstack_decode_e4m3_rows_t(const int8_t *restrict x, int64_t rows, int64_t k, int64_t x_stride,
                                   const float *restrict scales, int64_t s_stride,
                                   float *restrict out, int64_t out_stride, int64_t kp, int64_t threads) {
     enum { TR = 16, TC = 128 };
     #pragma omp parallel for num_threads((int)threads) if (threads > 1) schedule(static)
-    for (int64_t r0 = 0; r0 < rows; r0 += TR) {
+    for (int64_t c0 = 0; c0 < kp; c0 += TC) {
         float tile[TR][TC];
-        int64_t nr = rows - r0 < TR ? rows - r0 : TR;
-        for (int64_t c0 = 0; c0 < kp; c0 += TC) {
-            int64_t nc = k - c0 < TC ? (k - c0 > 0 ? k - c0 : 0) : TC;
+        memset(tile, 0, sizeof tile); /* rows past the last are transposed too (their lanes are not stored) */
+        int64_t nc = k - c0 < TC ? (k - c0 > 0 ? k - c0 : 0) : TC;
+        for (int64_t r0 = 0; r0 < rows; r0 += TR) {
+            int64_t nr = rows - r0 < TR ? rows - r0 : TR;
             for (int64_t i = 0; i < nr; i++) {
                 const int8_t *xr = x + (r0 + i) * x_stride + c0;
                 float s = nc ? scales[(r0 + i) * s_stride + c0 / 128] : 0.0f;
@@ -54,11 +97,7 @@ void seekstack_decode_e4m3_rows_t(const int8_t *restrict x, int64_t rows, int64_
                 for (int64_t j = nc; j < TC; j++)
                     tile[i][j] = 0.0f;
             }
-            for (int64_t j = 0; j < TC; j++) {
-                float *o = out + (c0 + j) * out_stride + r0;
-                for (int64_t i = 0; i < nr; i++)
-                    o[i] = tile[i][j];
-            }
+            store_transposed(tile, nr, out + c0 * out_stride + r0, out_stride);
         }
     }
 }
