@@ -75,7 +75,7 @@ def test_plans_match_the_dequantised_reference(
 
 def test_native_plans(monkeypatch):
     # With the C decode the weight goes left from K >= M on one thread (its transposes are cheap), from K >= 4 M on
-    # several, and a chunk grows with the threads that decode it.
+    # several unless the one-call C path runs, and a chunk grows with the threads that decode it.
     monkeypatch.setattr(cpu, "_CHUNK_BYTES", 16 << 10)
     monkeypatch.setattr(cpu, "_THREADED_CHUNK_BYTES", 64 << 10)
     threads = torch.get_num_threads()
@@ -88,6 +88,9 @@ def test_native_plans(monkeypatch):
         assert cpu._plan(64, 1000, 128, native=True) == (256, False)
         assert cpu._plan(32, 1000, 128, native=True) == (256, True)
         assert cpu._plan(64, 1000, 128, native=False) == (32, False)
+        # the one-call C path transposes per thread in cache: weight-left from K >= M again
+        assert cpu._plan(64, 1000, 128, native=True, fused=True) == (256, True)
+        assert cpu._plan(130, 1000, 128, native=True, fused=True) == (256, False)
     finally:
         torch.set_num_threads(threads)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from seekstack import cpu_native
-from seekstack.gemm import cpu, native_decode, reference
+from seekstack.gemm import calc_diff, cpu, native_decode, reference
 from seekstack.gemm.layout import ceil_div
 
 FP8 = torch.float8_e4m3fn
@@ -161,6 +161,87 @@ def test_gemm_gives_the_same_bits_with_and_without_it(seed, monkeypatch):
         want = torch.empty(m, n)
         reference.gemm(a, sfa, b, sfb, gran, want, cin)
         assert (outs[0].float() - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+needs_mkl = pytest.mark.skipif(native_decode.mkl_sgemm() is None, reason="torch built without MKL")
+
+
+@needs_mkl
+@pytest.mark.parametrize(
+    "m,n,k,gran,chunk,threads",
+    [
+        (7, 300, 129, 128, 64, 1),  # 5 chunks, the last one short; K padded to 256
+        (7, 300, 129, 128, 64, 3),  # the same over 3 threads
+        (64, 200, 100, 1, 37, 2),  # 1x128 weight scales, chunks not a multiple of anything
+        (33, 1000, 640, 128, 1000, 2),  # one chunk: one thread idle
+        (1, 17, 128, 128, 5, 2),
+    ],
+)
+def test_one_call_weight_left_gemm_matches_the_reference(seed, m, n, k, gran, chunk, threads):
+    a, b = torch.randn(m, k).to(FP8), _strided(torch.randn(n, k).to(FP8), 5)
+    sfa = torch.rand(m, ceil_div(k, 128)) + 0.1
+    sfb = torch.rand(ceil_div(n, gran), ceil_div(k, 128)) * 4 + 0.1
+    at = cpu.dequantize_rows_transposed(a, sfa)
+    d_buf = torch.full((m, n + 6), float("nan"), dtype=torch.bfloat16)
+    d = d_buf[:, 3 : 3 + n]  # rows strided, NaN on both sides
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert native_decode.gemm_weight_left(b, sfb, gran, at, d, chunk)
+    finally:
+        torch.set_num_threads(before)
+    want = torch.empty(m, n)
+    reference.gemm(a, sfa, b, sfb, gran, want, None)
+    assert d.isfinite().all() and d_buf[:, :3].isnan().all() and d_buf[:, 3 + n :].isnan().all()
+    # fp32 sums in another order, then one bf16 rounding (2**-9 relative, a tie may go either way)
+    assert ((d.float() - want).abs() <= 2.0**-8 * want.abs() + 1e-6 * want.abs().max()).all()
+
+
+@needs_mkl
+def test_cpu_gemm_takes_the_one_call_path_where_it_applies(seed, monkeypatch):
+    calls = []
+    real = native_decode.gemm_weight_left
+    monkeypatch.setattr(native_decode, "gemm_weight_left", lambda *args: calls.append(args[-1]) or real(*args))
+    a, b = torch.randn(64, 1792).to(FP8), torch.randn(300, 1792).to(FP8)
+    sfa, sfb = torch.rand(64, 14) + 0.1, torch.rand(3, 14) + 0.1
+    want = torch.empty(64, 300)
+    reference.gemm(a, sfa, b, sfb, 128, want, None)
+    d = torch.empty(64, 300, dtype=torch.bfloat16)
+    cpu.gemm(a, sfa, b, sfb, 128, d, None)
+    assert len(calls) == 1 and calls[0] == cpu._fused_chunk_rows(300, 1792)
+    assert calc_diff(d, want) < 1e-5
+    # with C to add, an fp32 d, or no MKL the chunked torch path runs
+    cpu.gemm(a, sfa, b, sfb, 128, torch.empty(64, 300), torch.zeros(64, 300))
+    cpu.gemm(a, sfa, b, sfb, 128, torch.empty(64, 300), None)
+    monkeypatch.setattr(native_decode, "mkl_sgemm", lambda: None)
+    d2 = torch.empty(64, 300, dtype=torch.bfloat16)
+    cpu.gemm(a, sfa, b, sfb, 128, d2, None)
+    assert len(calls) == 1 and calc_diff(d2, want) < 1e-5
+
+
+def test_fused_chunks_are_even_over_the_threads(monkeypatch):
+    monkeypatch.setattr(cpu, "_FUSED_CHUNK_BYTES", 1 << 20)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu._fused_chunk_rows(528, 1792) == 132  # 3.8 MB: 4 chunks, 2 per thread
+        assert cpu._fused_chunk_rows(100, 128) == 50  # small: one chunk per thread
+        torch.set_num_threads(1)
+        assert cpu._fused_chunk_rows(528, 1792) == 132
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_mkl
+def test_one_call_gemm_rejects_bad_operands():
+    b, sf = torch.randn(10, 128).to(FP8), torch.ones(1, 1)
+    at = torch.randn(128, 4)
+    with pytest.raises(ValueError, match="at: contiguous fp32"):
+        native_decode.gemm_weight_left(b, sf, 128, at.T.contiguous().T, torch.empty(4, 10, dtype=torch.bfloat16), 4)
+    with pytest.raises(ValueError, match="at: contiguous fp32"):
+        native_decode.gemm_weight_left(b, sf, 128, at, torch.empty(10, 4, dtype=torch.bfloat16), 4)
+    with pytest.raises(ValueError, match="d: bf16"):
+        native_decode.gemm_weight_left(b, sf, 128, at, torch.empty(4, 10), 4)
 
 
 def test_a_failed_build_warns_once_and_the_eager_path_runs(tmp_path, monkeypatch):

@@ -60,6 +60,10 @@ _WEIGHT_LEFT_K_PER_M_NATIVE = 1
 # ... but with several threads only from k >= 4 * m: at (M, N, K) = (64, 8192, 128) on 2 threads, weight-left took
 # 1.78 x the fp32 time and weight-right 1.59 (the [8192, 64] product's transpose is as large as the weight).
 _WEIGHT_LEFT_K_PER_M_THREADED = 4
+# The one-call C path (`native_decode.gemm_weight_left`): per chunk, the fp32 rows a thread decodes and hands to
+# MKL. FP8 / fp32 time on 2 threads, 8 small-M shapes: 1.25-1.47 at 256 KiB, 1.25-1.45 at 512, 1.13-1.41 at 1 MiB,
+# 1.09-1.43 at 1.5 MiB (1 thread: 0.90-1.19 at 512 KiB and 1 MiB alike); the L2 holds 2 MiB per core here.
+_FUSED_CHUNK_BYTES = 1 << 20
 # Chunk rows are a multiple of this (MKL works on row blocks): 2-3 % faster at (M, N, K) = (64, 528, 1792).
 _ROW_ALIGN = 32
 
@@ -134,8 +138,9 @@ def _native(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.stride(-1) == 1 and native_decode.available()
 
 
-def _plan(m: int, n: int, kp: int, native: bool = False) -> tuple[int, bool]:
-    """`(weight rows per chunk, weight_left)` for an `[m, kp] x [n, kp].T` product (`native`: the C decode runs)."""
+def _plan(m: int, n: int, kp: int, native: bool = False, fused: bool = False) -> tuple[int, bool]:
+    """`(weight rows per chunk, weight_left)` for an `[m, kp] x [n, kp].T` product (`native`: the C decode runs;
+    `fused`: a weight-left product would run as one C call, `native_decode.gemm_weight_left`)."""
     if m >= _LARGE_M:
         if n * kp * 4 <= _WHOLE_BYTES:
             return n, False  # the matmul dominates: one large matmul beats cache-sized pieces
@@ -148,6 +153,8 @@ def _plan(m: int, n: int, kp: int, native: bool = False) -> tuple[int, bool]:
     rows = min(n, align(rows, _ROW_ALIGN))
     if not native:
         k_per_m = _WEIGHT_LEFT_K_PER_M
+    elif fused:  # the transposes run per thread on chunks in cache: (64, 8192, 128) on 2 threads 1.59 -> 1.3
+        k_per_m = _WEIGHT_LEFT_K_PER_M_NATIVE
     else:
         k_per_m = _WEIGHT_LEFT_K_PER_M_NATIVE if threads == 1 else _WEIGHT_LEFT_K_PER_M_THREADED
     return rows, m <= _WEIGHT_LEFT_MAX_M and kp >= k_per_m * m
@@ -165,7 +172,15 @@ def gemm(a, sfa, b, sfb, b_gran: int, d: torch.Tensor, c: torch.Tensor | None) -
         return
     kp = align(k, 128)
     native = _native(b)
-    rows, weight_left = _plan(m, n, kp, native)
+    # One C call (`native_decode.gemm_weight_left`) where it applies: chunks decoded, multiplied by MKL and written
+    # out per thread while in that core's cache.
+    fused = native and c is None and d.dtype == torch.bfloat16 and d.stride(1) == 1 and _native(a)
+    fused = fused and native_decode.mkl_sgemm() is not None
+    rows, weight_left = _plan(m, n, kp, native, fused)
+    if weight_left and fused:
+        at = dequantize_rows_transposed(a, sfa)
+        if native_decode.gemm_weight_left(b, sfb.float().contiguous(), b_gran, at, d, _fused_chunk_rows(n, kp)):
+            return
     bf = torch.empty((rows, kp), dtype=torch.float32)
     if native:
         decode = _native_chunk_decoder(b, sfb, b_gran, bf)
@@ -175,8 +190,8 @@ def gemm(a, sfa, b, sfb, b_gran: int, d: torch.Tensor, c: torch.Tensor | None) -
     # a whole fp32 [m, n] product is as large as the weight and converting it afterwards cost ~10 % of the call.
     if weight_left:
         at = dequantize_rows_transposed(a, sfa)
-        part = torch.empty((rows, m), dtype=torch.float32)  # one chunk of d.T
         to_bf16_t = d.dtype == torch.bfloat16 and d.stride(1) == 1 and _native(a)
+        part = torch.empty((rows, m), dtype=torch.float32)  # one chunk of d.T
     else:
         af = dequantize_rows(a, sfa)
         # MKL writes straight into a row-major fp32 d (any row stride); otherwise into a chunk buffer.
@@ -202,6 +217,14 @@ def gemm(a, sfa, b, sfb, b_gran: int, d: torch.Tensor, c: torch.Tensor | None) -
             torch.mm(af, w.T, out=o)
         if o is not dc:
             dc.copy_(o)
+
+
+def _fused_chunk_rows(n: int, kp: int) -> int:
+    """Weight rows per chunk of the one-call C path: about `_FUSED_CHUNK_BYTES` of fp32, and the same number of
+    chunks for every thread (they take chunks as they finish; a lone last chunk would leave the others idle)."""
+    threads = torch.get_num_threads()
+    chunks = threads * max(1, -(-n * kp * 4 // (threads * _FUSED_CHUNK_BYTES)))
+    return max(1, -(-n // chunks))
 
 
 def _native_chunk_decoder(b: torch.Tensor, sfb: torch.Tensor, b_gran: int, buf: torch.Tensor):

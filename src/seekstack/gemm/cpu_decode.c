@@ -13,6 +13,7 @@
  * here lost to torch's spinning OpenMP workers (decode 0.42 ms on 2 threads vs 0.25 on one).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "e4m3.h"
@@ -159,6 +160,64 @@ void seekstack_f32_to_bf16_t(const float *restrict src, int64_t rows, int64_t co
     }
 }
 #endif
+
+/* MKL's Fortran SGEMM (LP64), as torch's own libtorch_cpu exports it. Called inside an OpenMP parallel region it
+ * runs on the calling thread alone (MKL_DYNAMIC, and nested regions are off). */
+typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                         const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                         const float *beta, float *c, const int *ldc);
+
+/* Per thread, kept across calls: a chunk's decoded weight rows and their product (first touch of ~0.6 MB per call
+ * would cost ~30 us of page faults). */
+static _Thread_local float *chunk_buffer;
+static _Thread_local int64_t chunk_buffer_floats;
+
+static float *thread_buffer(int64_t floats) {
+    if (chunk_buffer_floats < floats) {
+        free(chunk_buffer);
+        chunk_buffer = aligned_alloc(64, (size_t)((floats + 15) / 16 * 16) * sizeof(float));
+        chunk_buffer_floats = chunk_buffer ? floats : 0;
+    }
+    return chunk_buffer;
+}
+
+/* The small-M FP8 GEMM with the weight on the left, in one call: d[:, rows] (bf16) = (x[rows] decoded) @ at for
+ * chunks of `chunk` weight rows, handed to the threads one at a time. Each thread decodes its chunk into its own
+ * buffer (it stays in the core's L2), multiplies it by the decoded activations `at` [kp, m] with a one-thread MKL
+ * SGEMM ("NN": MKL's faster layout at small M) and writes the [rows, m] product transposed into d. Against torch
+ * calls per chunk this drops ~7 us of Python per step and MKL's split of each small-M product over the threads
+ * (M = 64, 160 x 1792 weight rows: 143 us on 2 threads vs 208 on one, where 104 would be a clean split).
+ * Returns 0, or -1 when a buffer could not be allocated. */
+int seekstack_fp8_gemm_weight_left(const int8_t *restrict x, int64_t n, int64_t k, int64_t x_stride,
+                                   const float *restrict scales, int64_t s_stride, int64_t gran,
+                                   const float *restrict at, int64_t m, int64_t kp, uint16_t *restrict d,
+                                   int64_t d_stride, int64_t chunk, int64_t threads, void *sgemm) {
+    const sgemm_fn gemm_f = (sgemm_fn)sgemm;
+    const int64_t chunks = (n + chunk - 1) / chunk;
+    int failed = 0;
+    #pragma omp parallel num_threads((int)threads) if (threads > 1)
+    {
+        float *w = thread_buffer(chunk * (kp + m));
+        if (w == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < chunks; i++) {
+            if (w == NULL)
+                continue;
+            const int64_t r0 = i * chunk, nr = n - r0 < chunk ? n - r0 : chunk;
+            float *prod = w + chunk * kp;
+            seekstack_decode_e4m3_rows(x + r0 * x_stride, nr, k, x_stride, r0, scales, s_stride, gran, w, kp, kp, 1);
+            const int mm = (int)m, nn = (int)nr, kk = (int)kp;
+            const float one = 1.0f, zero = 0.0f;
+            /* column-major view: prod^T [m, nr] = at^T-as-stored [m, kp] x w^T-as-stored [kp, nr] */
+            gemm_f("N", "N", &mm, &nn, &kk, &one, at, &mm, w, &kk, &zero, prod, &mm);
+            seekstack_f32_to_bf16_t(prod, nr, m, m, d + r0, d_stride, 1);
+        }
+    }
+    return failed ? -1 : 0;
+}
 
 /* 1 when built with OpenMP (the tests check that the split over threads is real). */
 int seekstack_openmp(void) {

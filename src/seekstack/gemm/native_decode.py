@@ -45,8 +45,29 @@ def _functions(library: NativeLibrary):
         rows.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _I, _I, _I]
         rows_t.argtypes = [_P, _I, _I, _I, _P, _I, _P, _I, _I, _I]
         to_bf16_t.argtypes = [_P, _I, _I, _I, _P, _I, _I]
-        fns = _fns[library.name] = rows, rows_t, to_bf16_t
+        fused = lib.seekstack_fp8_gemm_weight_left
+        fused.restype = ctypes.c_int
+        fused.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _I, _I, _P, _I, _I, _I, _P]
+        fns = _fns[library.name] = rows, rows_t, to_bf16_t, fused
     return fns
+
+
+_mkl: int | None | bool = False  # not looked up yet
+
+
+def mkl_sgemm() -> int | None:
+    """The address of MKL's Fortran `sgemm_` in torch's own libtorch_cpu, or None when torch was built without MKL
+    (then `gemm_weight_left` is not used)."""
+    global _mkl
+    if _mkl is False:
+        _mkl = None
+        if torch.backends.mkl.is_available():
+            try:
+                lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+                _mkl = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value or None
+            except (OSError, AttributeError):
+                _mkl = None
+    return _mkl
 
 
 def _parts(rows: int, elements_per_row: int) -> int:
@@ -91,6 +112,29 @@ def decode_rows_t(x: torch.Tensor, sf: torch.Tensor, out: torch.Tensor, library=
     xp, xs, sp, ss, op, os_ = _operands(x, sf, out)
     (rows, k), kp = x.shape, out.shape[0]
     fns[1](xp, rows, k, xs, sp, ss, op, os_, kp, _parts(rows, kp))
+    return True
+
+
+def gemm_weight_left(
+    b: torch.Tensor, sf: torch.Tensor, gran: int, at: torch.Tensor, d: torch.Tensor, chunk: int, library=LIBRARY
+) -> bool:
+    """`d.copy_((decoded b) @ at .T)` in one C call: `b [n, k]` fp8 weight rows with scales `sf` (as `decode_rows`),
+    `at [kp, m]` the decoded activations transposed (contiguous fp32), `d [m, n]` bf16 with unit column stride.
+    Chunks of `chunk` weight rows go to torch's threads, each decoded, multiplied by a one-thread MKL SGEMM and
+    written transposed while in that core's cache. False when the library or MKL is unavailable."""
+    fns, mkl = _functions(library), mkl_sgemm()
+    if fns is None or mkl is None:
+        return False
+    (n, k), (kp, m) = b.shape, at.shape
+    if not at.is_contiguous() or at.dtype != torch.float32 or d.shape != (m, n):
+        raise ValueError(f"at: contiguous fp32 [kp, m] and d: [m, n] expected, got {tuple(at.shape)}, {tuple(d.shape)}")
+    if d.dtype != torch.bfloat16 or d.stride(1) != 1:
+        raise ValueError(f"d: bf16 with unit column stride expected, got {d.dtype} {d.stride()}")
+    bp, bs, sp, ss, _, _ = _operands(b, sf, at)
+    rc = fns[3](bp, n, k, bs, sp, ss, gran, at.data_ptr(), m, kp, d.data_ptr(), d.stride(0), chunk,
+                torch.get_num_threads(), mkl)  # fmt: skip
+    if rc != 0:
+        raise MemoryError("seekstack.gemm: the C kernel could not allocate its buffers")
     return True
 
 
