@@ -181,13 +181,12 @@ def test_one_call_weight_left_gemm_matches_the_reference(seed, m, n, k, gran, ch
     a, b = torch.randn(m, k).to(FP8), _strided(torch.randn(n, k).to(FP8), 5)
     sfa = torch.rand(m, ceil_div(k, 128)) + 0.1
     sfb = torch.rand(ceil_div(n, gran), ceil_div(k, 128)) * 4 + 0.1
-    at = cpu.dequantize_rows_transposed(a, sfa)
     d_buf = torch.full((m, n + 6), float("nan"), dtype=torch.bfloat16)
     d = d_buf[:, 3 : 3 + n]  # rows strided, NaN on both sides
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert native_decode.gemm_weight_left(b, sfb, gran, at, d, chunk)
+        assert native_decode.gemm_weight_left(_strided(a, 3), sfa, b, sfb, gran, d, chunk)
     finally:
         torch.set_num_threads(before)
     want = torch.empty(m, n)
@@ -234,14 +233,15 @@ def test_fused_chunks_are_even_over_the_threads(monkeypatch):
 
 @needs_mkl
 def test_one_call_gemm_rejects_bad_operands():
-    b, sf = torch.randn(10, 128).to(FP8), torch.ones(1, 1)
-    at = torch.randn(128, 4)
-    with pytest.raises(ValueError, match="at: contiguous fp32"):
-        native_decode.gemm_weight_left(b, sf, 128, at.T.contiguous().T, torch.empty(4, 10, dtype=torch.bfloat16), 4)
-    with pytest.raises(ValueError, match="at: contiguous fp32"):
-        native_decode.gemm_weight_left(b, sf, 128, at, torch.empty(10, 4, dtype=torch.bfloat16), 4)
+    a, b, sfa, sfb = torch.randn(4, 128).to(FP8), torch.randn(10, 128).to(FP8), torch.ones(4, 1), torch.ones(1, 1)
     with pytest.raises(ValueError, match="d: bf16"):
-        native_decode.gemm_weight_left(b, sf, 128, at, torch.empty(4, 10), 4)
+        native_decode.gemm_weight_left(a, sfa, b, sfb, 128, torch.empty(10, 4, dtype=torch.bfloat16), 4)
+    with pytest.raises(ValueError, match="d: bf16"):
+        native_decode.gemm_weight_left(a, sfa, b, sfb, 128, torch.empty(4, 10), 4)
+    with pytest.raises(ValueError, match="b: K = 128"):
+        native_decode.gemm_weight_left(a, sfa, b[:, :100], sfb, 128, torch.empty(4, 10, dtype=torch.bfloat16), 4)
+    with pytest.raises(ValueError, match="sf: contiguous fp32"):
+        native_decode.gemm_weight_left(a, sfa.double(), b, sfb, 128, torch.empty(4, 10, dtype=torch.bfloat16), 4)
 
 
 def test_a_failed_build_warns_once_and_the_eager_path_runs(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ def _functions(library: NativeLibrary):
         to_bf16_t.argtypes = [_P, _I, _I, _I, _P, _I, _I]
         fused = lib.seekstack_fp8_gemm_weight_left
         fused.restype = ctypes.c_int
-        fused.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _I, _I, _P, _I, _I, _I, _P]
+        fused.argtypes = [_P, _I, _I, _P, _I, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P]
         fns = _fns[library.name] = rows, rows_t, to_bf16_t, fused
     return fns
 
@@ -116,23 +116,34 @@ def decode_rows_t(x: torch.Tensor, sf: torch.Tensor, out: torch.Tensor, library=
 
 
 def gemm_weight_left(
-    b: torch.Tensor, sf: torch.Tensor, gran: int, at: torch.Tensor, d: torch.Tensor, chunk: int, library=LIBRARY
+    a: torch.Tensor,
+    sfa: torch.Tensor,
+    b: torch.Tensor,
+    sfb: torch.Tensor,
+    gran: int,
+    d: torch.Tensor,
+    chunk: int,
+    library=LIBRARY,
 ) -> bool:
-    """`d.copy_((decoded b) @ at .T)` in one C call: `b [n, k]` fp8 weight rows with scales `sf` (as `decode_rows`),
-    `at [kp, m]` the decoded activations transposed (contiguous fp32), `d [m, n]` bf16 with unit column stride.
-    Chunks of `chunk` weight rows go to torch's threads, each decoded, multiplied by a one-thread MKL SGEMM and
-    written transposed while in that core's cache. False when the library or MKL is unavailable."""
+    """`d.copy_(decoded a @ decoded b .T)` in one C call, for fp8 `a [m, k]` (1x128 scales `sfa`) and `b [n, k]`
+    (scales `sfb` as `decode_rows`), `d [m, n]` bf16 with unit column stride; scales contiguous fp32.
+    The threads decode `a` transposed, then take chunks of `chunk` weight rows: each decoded, multiplied by a
+    one-thread MKL SGEMM (the weight as the left operand) and written transposed while in that core's cache.
+    False when the library or MKL is unavailable."""
     fns, mkl = _functions(library), mkl_sgemm()
     if fns is None or mkl is None:
         return False
-    (n, k), (kp, m) = b.shape, at.shape
-    if not at.is_contiguous() or at.dtype != torch.float32 or d.shape != (m, n):
-        raise ValueError(f"at: contiguous fp32 [kp, m] and d: [m, n] expected, got {tuple(at.shape)}, {tuple(d.shape)}")
-    if d.dtype != torch.bfloat16 or d.stride(1) != 1:
-        raise ValueError(f"d: bf16 with unit column stride expected, got {d.dtype} {d.stride()}")
-    bp, bs, sp, ss, _, _ = _operands(b, sf, at)
-    rc = fns[3](bp, n, k, bs, sp, ss, gran, at.data_ptr(), m, kp, d.data_ptr(), d.stride(0), chunk,
-                torch.get_num_threads(), mkl)  # fmt: skip
+    (m, k), n = a.shape, b.shape[0]
+    if d.shape != (m, n) or d.dtype != torch.bfloat16 or d.stride(1) != 1:
+        raise ValueError(f"d: bf16 [m, n] with unit column stride expected, got {d.dtype} {tuple(d.shape)}")
+    if b.shape[1] != k:
+        raise ValueError(f"b: K = {k} expected, got {b.shape[1]}")
+    kp = -(-k // 128) * 128
+    at = torch.empty((kp, m), dtype=torch.float32)
+    ap, as_, sap, sas, _, _ = _operands(a, sfa, at)
+    bp, bs, sbp, sbs, _, _ = _operands(b, sfb, at)
+    rc = fns[3](ap, m, as_, sap, sas, at.data_ptr(), bp, n, k, bs, sbp, sbs, gran, kp, d.data_ptr(), d.stride(0),
+                chunk, torch.get_num_threads(), mkl)  # fmt: skip
     if rc != 0:
         raise MemoryError("seekstack.gemm: the C kernel could not allocate its buffers")
     return True
