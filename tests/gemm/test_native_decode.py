@@ -1,6 +1,8 @@
 """The C decode of the CPU GEMM (`seekstack.gemm.native_decode`): bit for bit equal to torch's own `x.float() * s`
 and `.to(torch.bfloat16)`, in both builds (AVX-512 and portable), on every e4m3 byte, odd shapes, strided rows,
-NaN-poisoned memory, several threads and flush-to-zero; and the GEMM gives the same bits with it as without it."""
+NaN-poisoned memory, several threads and flush-to-zero; the GEMM gives the same bits with it as without it; and the
+one-call weight-left GEMM (decode, MKL sgemm and transpose per thread) matches the reference over odd shapes, chunk
+sizes and thread counts without writing outside `d`."""
 
 from __future__ import annotations
 

@@ -167,11 +167,12 @@ void seekstack_f32_to_bf16_t(const float *restrict src, int64_t rows, int64_t co
 }
 #endif
 
-/* MKL's Fortran SGEMM (LP64), as torch's own libtorch_cpu exports it. Called inside an OpenMP parallel region it
- * runs on the calling thread alone (MKL_DYNAMIC, and nested regions are off). */
-typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
-                         const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
-                         const float *beta, float *c, const int *ldc);
+/* MKL's Fortran SGEMM, as torch's own libtorch_cpu exports it. Called inside an OpenMP parallel region it runs on
+ * the calling thread alone (MKL_DYNAMIC, and nested regions are off). Its integers are passed by address as int64:
+ * read as 32-bit (LP64 MKL) or 64-bit (ILP64) on this little-endian target, they give the same value. */
+typedef void (*sgemm_fn)(const char *transa, const char *transb, const void *m, const void *n, const void *k,
+                         const float *alpha, const float *a, const void *lda, const float *b, const void *ldb,
+                         const float *beta, float *c, const void *ldc);
 
 /* Per thread, kept across calls: a chunk's decoded weight rows and their product (first touch of ~0.6 MB per call
  * would cost ~30 us of page faults). */
@@ -222,7 +223,7 @@ int seekstack_fp8_gemm_weight_left(const int8_t *restrict a, int64_t m, int64_t 
             const int64_t r0 = i * chunk, nr = n - r0 < chunk ? n - r0 : chunk;
             float *prod = w + chunk * kp;
             seekstack_decode_e4m3_rows(x + r0 * x_stride, nr, k, x_stride, r0, scales, s_stride, gran, w, kp, kp, 1);
-            const int mm = (int)m, nn = (int)nr, kk = (int)kp;
+            const int64_t mm = m, nn = nr, kk = kp;
             const float one = 1.0f, zero = 0.0f;
             /* column-major view: prod^T [m, nr] = at^T-as-stored [m, kp] x w^T-as-stored [kp, nr] */
             gemm_f("N", "N", &mm, &nn, &kk, &one, at, &mm, w, &kk, &zero, prod, &mm);
