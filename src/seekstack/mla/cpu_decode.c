@@ -198,7 +198,7 @@ typedef struct {
 
 /* One split's unnormalised result, merged by `combine`: per row the running max, the sum and the outputs. */
 typedef struct {
-    float *m, *l, *acc; /* [ROWS], [ROWS], [ROWS][dv] */
+    float *m, *l, *acc; /* [rows], [rows], [rows][dv] for the block's rows (at most ROWS) */
 } Partial;
 
 /* A work item: keys [k_begin, k_end) of request `req`'s pages (dense) or of query position `spos`'s slot list
@@ -536,7 +536,9 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
     Item *items = malloc((size_t)(n_items > 0 ? n_items : 1) * sizeof(Item));
     Merge *merges = malloc((size_t)(n_merges > 0 ? n_merges : 1) * sizeof(Merge));
     Partial *parts = malloc((size_t)(n_parts > 0 ? n_parts : 1) * sizeof(Partial));
-    float *part_data = n_parts ? malloc((size_t)n_parts * ROWS * (size_t)(dv + 2) * sizeof(float)) : NULL;
+    /* a partial holds one block's rows: at most ROWS, often fewer (16 at h_q = 16, s_q = 1) */
+    const int64_t block_rows = rows < ROWS ? rows : ROWS;
+    float *part_data = n_parts ? malloc((size_t)n_parts * block_rows * (size_t)(dv + 2) * sizeof(float)) : NULL;
     if (items == NULL || merges == NULL || parts == NULL || (n_parts && part_data == NULL)) {
         free(items), free(merges), free(parts), free(part_data);
         return -2;
@@ -552,8 +554,8 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
                     int64_t k_begin = n > 1 ? k * piece : 0, k_end = n > 1 && k + 1 < n ? (k + 1) * piece : INT64_MAX;
                     int64_t part = -1;
                     if (n > 1) {
-                        float *base = part_data + ip * ROWS * (dv + 2);
-                        parts[ip] = (Partial){base, base + ROWS, base + 2 * ROWS};
+                        float *base = part_data + ip * block_rows * (dv + 2);
+                        parts[ip] = (Partial){base, base + block_rows, base + 2 * block_rows};
                         part = ip++;
                     }
                     int64_t span = (k_end < len ? k_end : len) - k_begin;
