@@ -42,7 +42,7 @@ def _function():
         fn = lib.seekstack_mla_decode
         fn.restype = ctypes.c_int
         i, p = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [p] * 6 + [i] * 11 + [ctypes.c_float, i, i, p, i, i, i, i]
+        fn.argtypes = [p] * 6 + [i] * 11 + [ctypes.c_float, i, i, p, i, i, i, i, i]
         _fn = fn
     return _fn
 
@@ -65,11 +65,15 @@ def available() -> bool:
     return _function() is not None
 
 
-def decode(p: DecodeProblem, split_keys: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+def decode(
+    p: DecodeProblem, split_keys: int = 0, rows_in_lanes: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(out [b, s_q, h_q, dv] in q's dtype, lse fp32 [b, h_q, s_q]), or None when the kernel does not apply.
 
     `split_keys`: 0 lets the kernel cut long requests into pieces for its threads (split-KV, merged as FlashMLA's
-    combine does); > 0 forces pieces of that many keys (rounded up to 16), whatever the thread count."""
+    combine does); > 0 forces pieces of that many keys (rounded up to 16), whatever the thread count.
+    `rows_in_lanes`: None lets items of 13-16 query rows (h_q = 16 at s_q = 1) run with the rows in the lanes of one
+    vector; True takes that path for any item of at most 16 rows, False never (the tests compare both)."""
     if not applies(p):
         return None
     fn = _function()
@@ -98,7 +102,7 @@ def decode(p: DecodeProblem, split_keys: int = 0) -> tuple[torch.Tensor, torch.T
         q.data_ptr(), k.data_ptr(), table.data_ptr(), seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(),
         b, s_q, h_q, k.shape[2], d, dv, k.shape[1], ks[0] * e, ks[1] * e, ks[2] * e, table.stride(0),
         p.softmax_scale, int(p.causal), int(p.is_fp8), idx_ptr, topk, split_keys, _DTYPE_CODES[q.dtype],
-        torch.get_num_threads(),
+        torch.get_num_threads(), -1 if rows_in_lanes is None else int(rows_in_lanes),
     )  # fmt: skip
     if rc == -1:
         return None  # sizes outside the kernel's range: the PyTorch path runs
