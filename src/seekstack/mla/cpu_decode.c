@@ -26,8 +26,9 @@
  * keys (split-KV) whose partial results are merged as FlashMLA's combine kernel merges them, so that a batch of one
  * request uses every thread (b = 1, s_k = 32k: 5.6 ms on 2 threads vs 11.6 on one).
  *
- * One thread at h_q = 16, s_q = 1 (this Xeon, time-stamp counts): ~20 ns per (row, key) = 7.1 scores (at the FMA
- * peak) + 7.5 P V + 4-6 widening and memory + 0.3 softmax (blocks of 4 x 4: ~22 = 8.7 + 7.6 + 4-6 + 0.9).
+ * One thread at h_q = 16, s_q = 1 (this Xeon, time-stamp counts at 2.3 GHz): 19-21 ns per (row, key) = 6.7 scores
+ * (the FMA peak: 6.6) + 7.1-7.6 P V + 3.9-6.0 widening and memory + 0.3 softmax; 4 x 4 blocks: 21.6-21.9 = 8.4 +
+ * 7.3 + the same + 0.9.
  */
 #include <math.h>
 #include <stdint.h>
