@@ -274,11 +274,9 @@ static inline __mmask16 load_tile(const Problem *pr, const int32_t *slots, const
     return skipped;
 }
 
-/* P V for the tile: acc[r] = acc[r] x alpha[r] + sum over its nk keys t of p(r, t) x V[t], for rows r < padded (a
- * multiple of 4), 4 rows x 64 output columns in 16 registers per pass over the keys; p(r, t) = p[r * p_row +
- * t * p_key] (row-major for the blocks, key-major for the lanes). */
-static inline void pv_tile(Workspace *w, int64_t padded, int nk, int64_t dv, const float *tile, int64_t tstride,
-                           const float *p, int64_t p_row, int64_t p_key) {
+/* P V of `attend`: acc[r] = acc[r] x alpha[r] + sum over the tile's nk keys t of p[r][t] x V[t], for rows r <
+ * padded (a multiple of 4), 4 rows x 64 output columns in 16 registers per pass over the keys. */
+static inline void pv_tile(Workspace *w, int64_t padded, int nk, int64_t dv) {
     for (int64_t r = 0; r < padded; r += 4) {
         for (int64_t c = 0; c < dv; c += 64) {
             __m512 o[4][4];
@@ -288,11 +286,11 @@ static inline void pv_tile(Workspace *w, int64_t padded, int nk, int64_t dv, con
                     o[i][e] = _mm512_mul_ps(_mm512_loadu_ps(ACC(w, r + i) + c + 16 * e), al);
             }
             for (int t = 0; t < nk; t++) {
-                const float *vt = tile + t * tstride + c;
+                const float *vt = V(w, t) + c;
                 __m512 v0 = _mm512_loadu_ps(vt), v1 = _mm512_loadu_ps(vt + 16);
                 __m512 v2 = _mm512_loadu_ps(vt + 32), v3 = _mm512_loadu_ps(vt + 48);
                 for (int i = 0; i < 4; i++) {
-                    __m512 pi = _mm512_set1_ps(p[(r + i) * p_row + t * p_key]);
+                    __m512 pi = _mm512_set1_ps(w->p[r + i][t]);
                     o[i][0] = _mm512_fmadd_ps(pi, v0, o[i][0]);
                     o[i][1] = _mm512_fmadd_ps(pi, v1, o[i][1]);
                     o[i][2] = _mm512_fmadd_ps(pi, v2, o[i][2]);
@@ -442,7 +440,7 @@ static void attend(const Problem *pr, Workspace *w, int64_t req, int64_t spos, i
             }
             _mm512_storeu_ps(w->l[r], l);
         }
-        pv_tile(w, padded, nk, dv, w->v, w->stride, &w->p[0][0], KT, 1);
+        pv_tile(w, padded, nk, dv);
     }
     float sums[ROWS];
     for (int64_t r = 0; r < nrows; r++)
@@ -477,12 +475,29 @@ static inline void transpose16(const float *src, int64_t sstride, float *dst) {
     }
 }
 
+/* P V of `attend_lanes`: all 16 rows x 16 output columns in 16 registers per pass over the tile's keys, so each V
+ * vector is loaded once per tile (1 % faster than `pv_tile`'s 4 x 64 here). */
+static inline void pv_lanes(Workspace *w, int nk, int64_t dv, const float *tile, const float *pt) {
+    for (int64_t c = 0; c < dv; c += 16) {
+        __m512 o[LANE_ROWS];
+        for (int i = 0; i < LANE_ROWS; i++)
+            o[i] = _mm512_mul_ps(_mm512_loadu_ps(ACC(w, i) + c), _mm512_set1_ps(w->alpha[i]));
+        for (int t = 0; t < nk; t++) {
+            const __m512 v = _mm512_loadu_ps(tile + t * LANE_STRIDE + c);
+            for (int i = 0; i < LANE_ROWS; i++)
+                o[i] = _mm512_fmadd_ps(_mm512_set1_ps(pt[16 * t + i]), v, o[i]);
+        }
+        for (int i = 0; i < LANE_ROWS; i++)
+            _mm512_storeu_ps(ACC(w, i) + c, o[i]);
+    }
+}
+
 /* `attend` for items of at most LANE_ROWS rows (h_q = 16 at s_q = 1, the commonest decode shape), with the rows in
  * the lanes of one vector. A key's scores for all rows are d FMAs of a query column (rows x 1) and the key's value
  * broadcast from the tile: no lane sums, and in L1 the FMAs run at the core's peak (0.183 ns each here, against
  * 0.205 for the 4 x 4 blocks before their sums). The tile's rows are LANE_STRIDE floats apart, a constant: 16 row
  * addresses from one register (with a run-time stride gcc spilled them: 0.24 ns per FMA). The online softmax runs
- * on the rows' vectors: one max and one exp2 per key for all rows. P V is the blocks' (`pv_tile`). */
+ * on the rows' vectors: one max and one exp2 per key for all rows; P V in `pv_lanes`. */
 static void attend_lanes(const Problem *pr, Workspace *w, int64_t req, int64_t spos, int64_t g, int64_t r0,
                          int64_t nrows, int64_t k_begin, int64_t k_end, const Partial *part) {
     const int64_t d = pr->d, dv = pr->dv;
@@ -506,8 +521,7 @@ static void attend_lanes(const Problem *pr, Workspace *w, int64_t req, int64_t s
     }
     for (int64_t c = 0; c < d; c += 16)
         transpose16(tile + c, LANE_STRIDE, qt + 16 * c);
-    const int64_t padded = (nrows + 3) & ~(int64_t)3;
-    for (int64_t r = 0; r < padded; r++)
+    for (int64_t r = 0; r < LANE_ROWS; r++) /* unused lanes: p = 0, alpha = 1 keep them 0 */
         memset(ACC(w, r), 0, (size_t)dv * sizeof(float));
     const __m512 scale = _mm512_set1_ps(pr->scale_log2), minus_inf = _mm512_set1_ps(-INFINITY);
     const __m512i limits = _mm512_loadu_si512(lim);
@@ -550,7 +564,7 @@ static void attend_lanes(const Problem *pr, Workspace *w, int64_t req, int64_t s
         }
         _mm512_storeu_ps(w->alpha, alpha);
         m = top;
-        pv_tile(w, padded, nk, dv, tile, LANE_STRIDE, pt, 1, 16);
+        pv_lanes(w, nk, dv, tile, pt);
     }
     float ms[LANE_ROWS], sums[LANE_ROWS];
     _mm512_storeu_ps(ms, m);
