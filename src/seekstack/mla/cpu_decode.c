@@ -9,16 +9,17 @@
  * into L1-sized fp32 rows that both products read while they are in cache, and the softmax runs in registers.
  * (AVX512-BF16's VDPBF16PS, tried first for the scores, ran at half the fp32 FMA rate on this Xeon.)
  *
- * Work item: one request, one KV head and up to ROWS query rows (rows = s_q x h_q / h_kv as FlashMLA counts
- * them; row r is query position r / group, head g * group + r % group). Per tile of 16 keys:
+ * Work item: one request, one KV head and up to 16 query rows (rows = s_q x h_q / h_kv as FlashMLA counts them;
+ * row r is query position r / group, head g * group + r % group). Items of 13-16 rows (h_q = 16 at s_q = 1, and
+ * every full block of larger problems) run `attend_lanes`: the rows in the lanes of one vector; per tile of 16 keys
+ * the scores are FMAs of a query column and a broadcast key value (no lane sums), the online softmax (base 2) runs
+ * on the rows' vectors, and the loop widens the next tile and prefetches the one after between its FMAs; P V once
+ * per 8 tiles. Items of fewer rows run `attend`, per tile of 16 keys:
  *   scores: 4 rows x 4 keys in 16 accumulators over d / 16 chunks (a key load feeds 4 FMAs), summed across lanes
  *           by a transpose-and-add tree, the quarters transposed into one vector of 16 scores per row;
  *   online softmax in base 2: running max m per row, sums kept 16 lanes wide, earlier sums and outputs rescaled by
  *           2^(m - m'), the rescale factors computed for 16 rows per exp2;
  *   P V: 4 rows x 64 output columns in 16 registers per pass over the tile's 16 V rows (the first dv columns of K).
- * Items of 13-16 rows (h_q = 16 at s_q = 1, the commonest decode shape) run `attend_lanes` instead: the rows in the
- * lanes of one vector, scores as FMAs of a query column and a broadcast key value (no lane sums), the softmax on
- * the rows' vectors, P V once per 8 tiles.
  * Keys past the request's length are never read (cache slots there may hold NaN); the bottom-right causal
  * mask (query position s sees keys < length - (s_q - 1 - s)) and the length set masked scores to -inf. A row that
  * sees no key gets out = 0 and lse = +inf, as the reference. Threads (OpenMP, torch's own libgomp when loaded after
@@ -48,7 +49,9 @@ int seekstack_mla_supported(void) { return SEEKSTACK_MLA_KERNEL; }
 
 #if SEEKSTACK_MLA_KERNEL
 
-enum { KT = 16, ROWS = 64, MAX_D = 1024, MIN_SPLIT = 512 };
+/* ROWS: an item's query rows, one vector's lanes in `attend_lanes`. Items of 16 rows run 9-16 % faster than the
+ * 64-row items before them even at h_q = 128, where 64 rows shared each widened tile (h_q = 16, s_q = 2: 10-16 %). */
+enum { KT = 16, ROWS = 16, MAX_D = 1024, MIN_SPLIT = 512 };
 /* `attend_lanes` takes items of 13-16 rows: it always does 16 rows' work (ns per (row, key), 2 threads, s_k = 1k:
  * 16 rows 20.0 vs 20.9 for the blocks, 12 rows 23.9 vs 22.7, 8 rows 32.3 vs 26.3). */
 enum { LANE_ROWS = 16, LANE_MIN_ROWS = 13, LANE_STRIDE = MAX_D + 16 };
@@ -691,7 +694,8 @@ static void attend_lanes(const Problem *pr, Workspace *w, int64_t req, int64_t s
 }
 
 /* This thread's workspace, kept across calls (OpenMP's and torch's threads live as long as the process): allocating
- * and first touching ~340 KB per thread per call cost ~5 % of a call at h_q = 16, s_k = 256. */
+ * and first touching it per call (~340 KB then; ~1.2 MB now, mostly the lanes' two chunks) cost ~5 % of a call at
+ * h_q = 16, s_k = 256. */
 static _Thread_local Workspace *thread_workspace;
 
 static Workspace *workspace(int64_t d) {
@@ -831,7 +835,7 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
     Item *items = malloc((size_t)(n_items > 0 ? n_items : 1) * sizeof(Item));
     Merge *merges = malloc((size_t)(n_merges > 0 ? n_merges : 1) * sizeof(Merge));
     Partial *parts = malloc((size_t)(n_parts > 0 ? n_parts : 1) * sizeof(Partial));
-    /* a partial holds one block's rows: at most ROWS, often fewer (16 at h_q = 16, s_q = 1) */
+    /* a partial holds one block's rows (at most ROWS) */
     const int64_t block_rows = rows < ROWS ? rows : ROWS;
     float *part_data = n_parts ? malloc((size_t)n_parts * block_rows * (size_t)(dv + 2) * sizeof(float)) : NULL;
     if (items == NULL || merges == NULL || parts == NULL || (n_parts && part_data == NULL)) {
