@@ -9,8 +9,8 @@
  * into L1-sized fp32 rows that both products read while they are in cache, and the softmax runs in registers.
  * (AVX512-BF16's VDPBF16PS, tried first for the scores, ran at half the fp32 FMA rate on this Xeon.)
  *
- * Work item: one request, one KV head and up to 16 query rows (rows = s_q x h_q / h_kv as FlashMLA counts them;
- * row r is query position r / group, head g * group + r % group). Items of 13-16 rows (h_q = 16 at s_q = 1, and
+ * Work item: one request, one KV head and up to 16 query rows (64 with an FP8 cache; rows = s_q x h_q / h_kv as
+ * FlashMLA counts them; row r is query position r / group, head g * group + r % group). Items of 13-16 rows (h_q = 16 at s_q = 1, and
  * every full block of larger problems) run `attend_lanes`: the rows in the lanes of one vector; per tile of 16 keys
  * the scores are FMAs of a query column and a broadcast key value (no lane sums), the online softmax (base 2) runs
  * on the rows' vectors, and the loop widens the next tile and prefetches the one after between its FMAs; P V once
@@ -49,9 +49,11 @@ int seekstack_mla_supported(void) { return SEEKSTACK_MLA_KERNEL; }
 
 #if SEEKSTACK_MLA_KERNEL
 
-/* ROWS: an item's query rows, one vector's lanes in `attend_lanes`. Items of 16 rows run 9-16 % faster than the
- * 64-row items before them even at h_q = 128, where 64 rows shared each widened tile (h_q = 16, s_q = 2: 10-16 %). */
-enum { KT = 16, ROWS = 16, MAX_D = 1024, MIN_SPLIT = 512 };
+/* Items have at most LANE_ROWS query rows (one vector's lanes in `attend_lanes`): 16-row items run 9-16 % faster
+ * than 64-row ones even at h_q = 128, where 64 rows shared each widened tile (h_q = 16, s_q = 2: 10-16 %). FP8
+ * caches keep items of up to ROWS rows: their decode costs ~10 vector operations per 16 values, which 16 rows do
+ * not repay (h_q = 128: 62-69 % of the roofline against 70-77 with 64 rows). */
+enum { KT = 16, ROWS = 64, MAX_D = 1024, MIN_SPLIT = 512 };
 /* `attend_lanes` takes items of 13-16 rows: it always does 16 rows' work (ns per (row, key), 2 threads, s_k = 1k:
  * 16 rows 20.0 vs 20.9 for the blocks, 12 rows 23.9 vs 22.7, 8 rows 32.3 vs 26.3). */
 enum { LANE_ROWS = 16, LANE_MIN_ROWS = 13, LANE_STRIDE = MAX_D + 16 };
@@ -774,10 +776,11 @@ typedef struct {
 } Merge;
 
 /* A block's request, query position (sparse; -1 when dense) and number of rows. */
-static void locate(const Problem *pr, int64_t rows, Block at, int64_t *req, int64_t *spos, int64_t *nrows) {
+static void locate(const Problem *pr, int64_t rows, int64_t block, Block at, int64_t *req, int64_t *spos,
+                   int64_t *nrows) {
     *req = pr->indices ? at.unit / pr->s_q : at.unit;
     *spos = pr->indices ? at.unit % pr->s_q : -1;
-    *nrows = rows - at.r0 < ROWS ? rows - at.r0 : ROWS;
+    *nrows = rows - at.r0 < block ? rows - at.r0 : block;
 }
 
 static int longer_first(const void *a, const void *b) {
@@ -808,7 +811,8 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
     /* Dense: a request's s_q x group rows share its keys. Sparse: each (request, query position) has its own slot
      * list and the group's rows. */
     const int64_t units = indices ? b * s_q : b;
-    const int64_t rows = indices ? h_q / h_kv : s_q * (h_q / h_kv), row_blocks = (rows + ROWS - 1) / ROWS;
+    const int64_t rows = indices ? h_q / h_kv : s_q * (h_q / h_kv), block = fp8 ? ROWS : LANE_ROWS;
+    const int64_t row_blocks = (rows + block - 1) / block;
     /* Split-KV (FlashMLA's scheduler does the same over SMs): with several threads, keys are cut into pieces of at
      * least MIN_SPLIT so that ~4 pieces per thread exist; a batch of one long request then uses every thread.
      * `split_keys` > 0 forces the piece size (the tests). */
@@ -835,8 +839,8 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
     Item *items = malloc((size_t)(n_items > 0 ? n_items : 1) * sizeof(Item));
     Merge *merges = malloc((size_t)(n_merges > 0 ? n_merges : 1) * sizeof(Merge));
     Partial *parts = malloc((size_t)(n_parts > 0 ? n_parts : 1) * sizeof(Partial));
-    /* a partial holds one block's rows (at most ROWS) */
-    const int64_t block_rows = rows < ROWS ? rows : ROWS;
+    /* a partial holds one block's rows */
+    const int64_t block_rows = rows < block ? rows : block;
     float *part_data = n_parts ? malloc((size_t)n_parts * block_rows * (size_t)(dv + 2) * sizeof(float)) : NULL;
     if (items == NULL || merges == NULL || parts == NULL || (n_parts && part_data == NULL)) {
         free(items), free(merges), free(parts), free(part_data);
@@ -846,7 +850,7 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
     for (int64_t u = 0; u < units; u++) {
         int64_t len = indices ? topk : seqlens[u], n = len > piece ? (len + piece - 1) / piece : 1;
         for (int64_t g = 0; g < h_kv; g++)
-            for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+            for (int64_t r0 = 0; r0 < rows; r0 += block) {
                 if (n > 1)
                     merges[im++] = (Merge){{u, g, r0}, ip, n};
                 for (int64_t k = 0; k < n; k++) {
@@ -877,7 +881,7 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
                 continue;
             const Item *item = &items[i];
             int64_t req, spos, nrows;
-            locate(&pr, rows, item->at, &req, &spos, &nrows);
+            locate(&pr, rows, block, item->at, &req, &spos, &nrows);
             int in_lanes = nrows <= LANE_ROWS && (lanes > 0 || (lanes < 0 && nrows >= LANE_MIN_ROWS));
             (in_lanes ? attend_lanes : attend)(
                 &pr, w, req, spos, item->at.g, item->at.r0, nrows, item->k_begin, item->k_end,
@@ -889,7 +893,7 @@ int seekstack_mla_decode(const char *q, const char *k_cache, const int32_t *bloc
                 continue;
             const Merge *mg = &merges[i];
             int64_t req, spos, nrows;
-            locate(&pr, rows, mg->at, &req, &spos, &nrows);
+            locate(&pr, rows, block, mg->at, &req, &spos, &nrows);
             combine(&pr, parts + mg->first, mg->n, req, spos, mg->at.g, mg->at.r0, nrows, ACC(w, 0));
         }
     }
