@@ -10,8 +10,9 @@
  * (AVX512-BF16's VDPBF16PS, tried first for the scores, ran at half the fp32 FMA rate on this Xeon.)
  *
  * Work item: one request, one KV head and up to 16 query rows (64 with an FP8 cache; rows = s_q x h_q / h_kv as
- * FlashMLA counts them; row r is query position r / group, head g * group + r % group). Items of 13-16 rows (h_q = 16 at s_q = 1, and
- * every full block of larger problems) run `attend_lanes`: the rows in the lanes of one vector; per tile of 16 keys
+ * FlashMLA counts them; row r is query position r / group, head g * group + r % group). Items of 13-16 rows (h_q =
+ * 16 at s_q = 1, and every full block of larger problems) run `attend_lanes`: the rows in the lanes of one vector; per
+ * tile of 16 keys
  * the scores are FMAs of a query column and a broadcast key value (no lane sums), the online softmax (base 2) runs
  * on the rows' vectors, and the loop widens the next tile and prefetches the one after between its FMAs; P V once
  * per 8 tiles. Items of fewer rows run `attend`, per tile of 16 keys:
@@ -732,7 +733,8 @@ static void combine(const Problem *pr, const Partial *parts, int64_t n, int64_t 
                     int64_t r0, int64_t nrows, float *scratch) {
     const int64_t group = pr->h_q / pr->h_kv, dv = pr->dv;
     for (int64_t r = 0; r < nrows; r++) {
-        int64_t row = r0 + r, s = spos >= 0 ? spos : row / group, h = spos >= 0 ? g * group + row : g * group + row % group;
+        int64_t row = r0 + r, s = spos >= 0 ? spos : row / group;
+        int64_t h = spos >= 0 ? g * group + row : g * group + row % group;
         char *o = pr->out + ((req * pr->s_q + s) * pr->h_q + h) * dv * pr->esize;
         float *lse = pr->lse + (req * pr->h_q + h) * pr->s_q + s;
         float top = -INFINITY, l = 0.0f;
