@@ -26,11 +26,11 @@
  * sees no key gets out = 0 and lse = +inf, as the reference. Threads (OpenMP, torch's own libgomp when loaded after
  * torch) take work items dynamically, longest first; with several threads long requests are split into pieces of
  * keys (split-KV) whose partial results are merged as FlashMLA's combine kernel merges them, so that a batch of one
- * request uses every thread (b = 1, s_k = 32k: 5.6 ms on 2 threads vs 11.6 on one).
+ * request uses every thread (b = 1, h_q = 16, s_k = 32k: 3.95 ms on 2 threads vs 7.75 on one).
  *
- * One thread at h_q = 16, s_q = 1 (this Xeon, time-stamp counts at 2.3 GHz): 19-21 ns per (row, key) = 6.7 scores
- * (the FMA peak: 6.6) + 7.1-7.6 P V + 3.9-6.0 widening and memory + 0.3 softmax; 4 x 4 blocks: 21.6-21.9 = 8.4 +
- * 7.3 + the same + 0.9.
+ * One thread at h_q = 16, s_q = 1 (this Xeon, time-stamp counts at 2.3 GHz, b = 16, s_k = 256 / 1k / 4k): 16.6 /
+ * 15.2 / 15.4 ns per (row, key) = 8.0-8.8 scores with the next tile's widening and prefetches (the scores' FMAs
+ * alone: 6.6) + 5.9-6.2 P V (its FMAs: 5.9) + 0.3 softmax + 0.5-1.8 per item (query transposes, outputs).
  */
 #include <math.h>
 #include <stdint.h>
