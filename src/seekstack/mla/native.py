@@ -72,8 +72,9 @@ def decode(
 
     `split_keys`: 0 lets the kernel cut long requests into pieces for its threads (split-KV, merged as FlashMLA's
     combine does); > 0 forces pieces of that many keys (rounded up to 16), whatever the thread count.
-    `rows_in_lanes`: None lets items of 13-16 query rows (h_q = 16 at s_q = 1) run with the rows in the lanes of one
-    vector; True takes that path for any item of at most 16 rows, False never (the tests compare both)."""
+    `rows_in_lanes`: work items hold up to 16 query rows (64 with an FP8 cache); None lets those of 13-16 rows (every
+    item at h_q = 16 or 128) run with the rows in the lanes of one vector; True takes that path for any item of at
+    most 16 rows, False never (the tests compare both)."""
     if not applies(p):
         return None
     fn = _function()
