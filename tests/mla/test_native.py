@@ -135,6 +135,16 @@ def test_rows_in_lanes_and_in_blocks(gen, s_q, h_q, h_kv, causal):
     torch.testing.assert_close(results[True, 0][1], results[False, 0][1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths_at_the_edges_of_tiles_and_chunks(gen, causal):
+    # The lanes path widens the next 16-key tile inside the score loop and runs P V per chunk of 128 keys in one of
+    # two alternating buffers: lengths on both sides of those edges, whole and split at odd offsets.
+    case = make_case(8, 2, 8, 1, 300, block_size=16, causal=causal, generator=gen)
+    case.cache_seqlens.copy_(torch.tensor([1, 15, 16, 17, 127, 128, 129, 257], dtype=torch.int32))
+    run_native(case)
+    run_native(case, split_keys=48)
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_sparse_rows_in_lanes(gen, fp8):
     case = make_case(3, 2, 4, 1, 300, block_size=16, topk=40, fp8=fp8, generator=gen)
