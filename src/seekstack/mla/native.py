@@ -23,7 +23,10 @@ LIBRARY = NativeLibrary(
     "mla_decode",
     Path(__file__).with_name("cpu_decode.c"),
     openmp=True,
-    headers=(Path(__file__).parent.parent / "gemm" / "e4m3.h",),
+    headers=(
+        *(Path(__file__).with_name(f"cpu_{part}.h") for part in ("convert", "item", "blocks", "lanes")),
+        Path(__file__).parent.parent / "gemm" / "e4m3.h",
+    ),
 )
 _fn = None
 _NO_TABLE = torch.zeros(1, 1, dtype=torch.int32)  # sparse decoding passes slots instead
